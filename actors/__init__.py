@@ -1,0 +1,1 @@
+"""Stage kinds of streamcal (installed as ``streamcal.actors``)."""

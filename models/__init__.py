@@ -1,0 +1,1 @@
+"""Torch models of streamcal (installed as ``streamcal.models``)."""

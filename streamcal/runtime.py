@@ -1,0 +1,559 @@
+"""The Ray runtime: one actor per stage replica, wired over the ZeroMQ data plane.
+
+Ray is the control plane only: it places each replica with the resources the graph asks for,
+restarts crashed replicas (``restarts`` per stage), and carries small control calls (endpoints,
+wiring, status, reports). Messages never travel through Ray.
+
+Lifecycle (driver side, :func:`run_graph`): validate against the cluster's resources -> start a
+coordinator and every replica (each binds its output sockets and reports its endpoints) ->
+send each replica the endpoints of the writers of its inputs -> start -> watch progress until
+every replica has seen end-of-stream -> collect reports -> summary.
+A replica that Ray restarts re-binds its previous ports, re-connects from the wiring kept by the
+coordinator, and goes on; messages lost with it are counted from lineage and link sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+import zmq
+
+from streamcal.errors import StreamcalError
+from streamcal.graph import ClusterResources, GraphSpec, StreamSpec, validate_graph
+from streamcal.metrics import merge_reports, summary_table
+from streamcal.schemas import REGISTRY
+from streamcal.stage import InputWiring, Source, StageContext, get_stage_class
+from streamcal.transport import InputEdge, OutputEdge, ReaderGroup, StopRequested, recv_frames
+
+__all__ = ["RunResult", "RunStuckError", "run_graph", "StageActor", "Coordinator", "NAMESPACE"]
+
+log = logging.getLogger("streamcal.runtime")
+NAMESPACE = "streamcal"
+
+
+class RunStuckError(StreamcalError):
+    """No progress for ``stall_timeout_s`` while stages still wait for input: names the edges."""
+
+
+def _coord_name(run_id: str) -> str:
+    return f"streamcal-coordinator-{run_id}"
+
+
+@ray.remote(num_cpus=0)
+class Coordinator:
+    """Keeps what a restarted replica needs: its previous ports, its wiring, its incarnation."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, dict[str, str]] = {}
+        self.wiring: dict[str, dict[str, list[str]]] = {}
+        self.incarnations: dict[str, int] = {}
+
+    def next_incarnation(self, key: str) -> int:
+        n = self.incarnations.get(key, -1) + 1
+        self.incarnations[key] = n
+        return n
+
+    def put_endpoints(self, key: str, endpoints: dict[str, str]) -> None:
+        self.endpoints[key] = endpoints
+
+    def get_endpoints(self, key: str) -> dict[str, str]:
+        return self.endpoints.get(key, {})
+
+    def put_wiring(self, key: str, wiring: dict[str, list[str]]) -> None:
+        self.wiring[key] = wiring
+
+    def get_wiring(self, key: str) -> dict[str, list[str]]:
+        return self.wiring.get(key, {})
+
+
+def _schema_payload(names: set[str]) -> dict[str, tuple[bytes, tuple[str, ...], str]]:
+    out = {}
+    for n in names:
+        if n in REGISTRY:
+            info = REGISTRY.get(n)
+            out[n] = (info.schema.serialize().to_pybytes(), info.finite, info.doc)
+    return out
+
+
+def _publish_endpoint(base: str, replica: int) -> str:
+    if replica == 0 or not base.startswith("tcp://"):
+        return base
+    host, _, port = base[len("tcp://"):].rpartition(":")
+    return f"tcp://{host}:{int(port) + replica}"
+
+
+class _ActorImpl:
+    """Body of :class:`StageActor` (a plain class, so it can be unit-tested without Ray)."""
+
+    def __init__(self, run_id: str, spec: GraphSpec, stage_name: str, replica: int,
+                 schemas: dict[str, tuple[bytes, tuple[str, ...], str]]) -> None:
+        logging.basicConfig(level=os.environ.get("STREAMCAL_LOG", "WARNING"),
+                            format="%(levelname)s %(name)s: %(message)s")
+        self.key = f"{stage_name}/{replica}"
+        self.coord = ray.get_actor(_coord_name(run_id), namespace=NAMESPACE)
+        self.incarnation = ray.get(self.coord.next_incarnation.remote(self.key))
+        for name, (blob, finite, doc) in schemas.items():
+            REGISTRY.register(name, pa.ipc.read_schema(pa.py_buffer(blob)), doc=doc, finite=finite)
+        self.spec = spec
+        st = spec.stage(stage_name)
+        cls = get_stage_class(st.kind)
+        cfg = cls.Config.from_dict(dict(st.config), owner=st.where())
+        inputs = {
+            i.port: InputWiring(
+                i.stream,
+                tuple(f"{w.name}/{k}" for w, _ in spec.writers(i.stream) for k in range(w.replicas)),
+                i.latest_only or spec.streams.get(i.stream, StreamSpec(i.stream)).latest_only,
+            )
+            for i in st.inputs
+        }
+        self.ctx = StageContext(
+            stage=st.name, kind=st.kind, replica=replica, replicas=st.replicas, incarnation=self.incarnation,
+            inputs=inputs, outputs=dict(st.outputs), seed=spec.settings.seed,
+            max_message_bytes=spec.settings.max_message_bytes,
+        )
+        self.stage = cls(cfg, self.ctx)
+        self.zctx = zmq.Context()
+        self._abort = False
+        self._stop = False
+        self._shutdown = False
+        self.state = "created"
+        self.error: str | None = None
+        prev = ray.get(self.coord.get_endpoints.remote(self.key)) if self.incarnation else {}
+        self.outputs: dict[str, OutputEdge] = {}
+        for port, stream in st.outputs.items():
+            sspec = spec.streams.get(stream, StreamSpec(stream))
+            groups = [
+                ReaderGroup(
+                    r.name,
+                    tuple(f"{r.name}/{k}/{i.port}".encode() for k in range(r.replicas)),
+                    i.latest_only or sspec.latest_only,
+                )
+                for r, i in spec.readers(stream)
+            ]
+            hwm = min([spec.queue(stream, i) for _, i in spec.readers(stream)] or [sspec.queue])
+            prev_port = int(prev[stream].rsplit(":", 1)[1]) if stream in prev else 0
+            self.outputs[port] = OutputEdge(
+                self.zctx, stream, groups, hwm=hwm, interface=spec.settings.interface, port=prev_port,
+                publish=_publish_endpoint(sspec.publish, replica) if sspec.publish else None,
+                stall_timeout_s=spec.settings.stall_timeout_s, counters=self.stage.metrics.outputs[port],
+                should_abort=lambda: self._abort, label=f"{self.key}:{port}->{stream}",
+            )
+        self.ctx.send = lambda port, header, batch: self.outputs[port].send(header, batch)
+        self.inputs: dict[str, InputEdge] = {}
+        self.stage.setup()
+        ray.get(self.coord.put_endpoints.remote(self.key, self.endpoints()))
+        if self.incarnation:
+            log.warning("replica %s restarted (incarnation %d); re-joining the run", self.key, self.incarnation)
+            wiring = ray.get(self.coord.get_wiring.remote(self.key))
+            if wiring or not st.inputs:
+                self.connect(wiring)
+                self.start()
+
+    # ------------------------------------------------------------------ control calls
+    def endpoints(self) -> dict[str, str]:
+        return {e.stream: e.endpoint for e in self.outputs.values()}
+
+    def connect(self, wiring: dict[str, list[str]]) -> None:
+        for port, eps in wiring.items():
+            w = self.ctx.inputs[port]
+            self.inputs[port] = InputEdge(
+                self.zctx, port, f"{self.key}/{port}".encode(), eps, hwm=self.spec.queue(w.stream)
+            )
+        self.state = "connected"
+
+    def start(self) -> None:
+        if self.state == "running":
+            return
+        self.state = "running"
+        self.thread = threading.Thread(target=self._loop, name=f"stage-{self.key}", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Sources stop producing and end their streams; the graph then drains."""
+        self._stop = True
+
+    def abort(self) -> None:
+        """Stop everything now, without draining."""
+        self._abort = True
+        self._stop = True
+
+    def status(self) -> dict[str, Any]:
+        m = self.stage.metrics
+        waiting = {}
+        if not self.stage.done:
+            for p, w in self.ctx.inputs.items():
+                missing = sorted(set(w.producers) - self.stage._eos_from[p])
+                if missing:
+                    waiting[p] = {"stream": w.stream, "end_of_stream_from": missing}
+        return {
+            "key": self.key,
+            "state": self.state,
+            "done": self.stage.done,
+            "incarnation": self.incarnation,
+            "in": sum(c.messages + sum(c.rejects.values()) for c in m.inputs.values()),
+            "out": sum(c.messages for c in m.outputs.values()),
+            "waiting": waiting,
+            "error": self.error,
+        }
+
+    def report(self) -> dict[str, Any]:
+        rep = self.stage.report()
+        rep["restarts"] = self.incarnation
+        rep["replica"] = self.key
+        return rep
+
+    def shutdown(self) -> None:
+        self._shutdown = True
+        self._abort = True
+        t = getattr(self, "thread", None)
+        if t is not None:
+            t.join(timeout=5)
+        for e in self.outputs.values():
+            e.close()
+        for e in self.inputs.values():
+            e.close()
+        self.zctx.term()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        try:
+            if isinstance(self.stage, Source):
+                self.stage.run_source(should_stop=lambda: self._stop)
+            else:
+                self._consume()
+            self.state = "done" if self.stage.done else "aborted"
+            self._serve_after_done()
+        except StopRequested:
+            self.state = "aborted"
+        except Exception as exc:  # a bug in a stage: report it to the driver, then crash for a restart
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("stage %s failed", self.key)
+            os._exit(1)
+
+    def _consume(self) -> None:
+        poller = zmq.Poller()
+        where: dict[zmq.Socket, tuple[str, bool] | OutputEdge] = {}
+        for port, edge in self.inputs.items():
+            latest = self.ctx.inputs[port].latest_only
+            for s in edge.socks:
+                poller.register(s, zmq.POLLIN)
+                where[s] = (port, latest)
+        for e in self.outputs.values():
+            poller.register(e.sock, zmq.POLLIN)
+            where[e.sock] = e
+        last_export = time.monotonic()
+        while not self.stage.done and not self._abort:
+            for sock, _ in poller.poll(100):
+                info = where[sock]
+                if isinstance(info, OutputEdge):
+                    info.poll_control()
+                    continue
+                port, latest = info
+                if latest:
+                    frames = self._drain_latest(sock, port)
+                    if frames is not None:
+                        self.stage.receive(port, frames)
+                    continue
+                for _ in range(256):
+                    try:
+                        frames = recv_frames(sock, zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.stage.receive(port, frames)
+                    if self.stage.done or self._abort:
+                        break
+            if time.monotonic() - last_export > 1.0:
+                _export_ray_metrics(self.stage.metrics)
+                last_export = time.monotonic()
+        _export_ray_metrics(self.stage.metrics)
+
+    def _drain_latest(self, sock: zmq.Socket, port: str) -> list | None:
+        """Read everything queued on a latest-only link; account for all, process the newest."""
+        newest = None
+        while True:
+            try:
+                frames = recv_frames(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return newest
+            if newest is not None:
+                self.stage.receive(port, newest, process=False)
+                self.stage.metrics.inputs[port].dropped += 1
+            newest = frames
+
+    def _serve_after_done(self) -> None:
+        """After end-of-stream: keep answering hellos of readers that restart, until shut down."""
+        poller = zmq.Poller()
+        for e in self.outputs.values():
+            poller.register(e.sock, zmq.POLLIN)
+        while not self._shutdown and not self._abort:
+            if not self.outputs:
+                time.sleep(0.1)
+                continue
+            for sock, _ in poller.poll(100):
+                for e in self.outputs.values():
+                    if e.sock is sock:
+                        e.poll_control()
+
+
+_RAY_GAUGES: dict[str, Any] = {}
+
+
+def _export_ray_metrics(m) -> None:
+    """Per-edge counters as Ray metrics (visible in Ray's Prometheus export)."""
+    try:
+        from ray.util.metrics import Gauge
+    except ImportError:  # pragma: no cover
+        return
+    if not _RAY_GAUGES:
+        keys = ("stage", "replica", "port", "direction")
+        for name, desc in (
+            ("streamcal_messages", "messages through a stage port"),
+            ("streamcal_bytes", "bytes through a stage port"),
+            ("streamcal_rejected", "messages rejected at a stage input"),
+            ("streamcal_gaps", "messages missing on a link (sequence gaps)"),
+            ("streamcal_dropped", "latest-only messages replaced by newer ones"),
+        ):
+            _RAY_GAUGES[name] = Gauge(name, description=desc, tag_keys=keys)
+    for direction, edges in (("in", m.inputs), ("out", m.outputs)):
+        for port, c in edges.items():
+            tags = {"stage": m.stage, "replica": str(m.replica), "port": port, "direction": direction}
+            _RAY_GAUGES["streamcal_messages"].set(c.messages, tags)
+            _RAY_GAUGES["streamcal_bytes"].set(c.bytes, tags)
+            _RAY_GAUGES["streamcal_rejected"].set(sum(c.rejects.values()), tags)
+            _RAY_GAUGES["streamcal_gaps"].set(c.gaps, tags)
+            _RAY_GAUGES["streamcal_dropped"].set(c.dropped, tags)
+
+
+@ray.remote(max_concurrency=8)
+class StageActor(_ActorImpl):
+    """One stage replica as a Ray actor (threaded: the data loop runs beside control calls)."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced: per-replica reports, merged per-stage metrics, and the summary."""
+
+    run_id: str
+    reports: list[dict[str, Any]]
+    merged: dict[str, Any]
+    elapsed_s: float
+    status: str = "completed"
+    problems: list[str] = field(default_factory=list)
+
+    def summary_table(self) -> str:
+        return summary_table(self.merged)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "status": self.status, "elapsed_s": round(self.elapsed_s, 3),
+                "problems": self.problems, "lost": self.merged["lost"], "stages": self.merged["stages"],
+                "replicas": self.reports}
+
+
+def run_graph(
+    spec: GraphSpec,
+    *,
+    address: str | None = None,
+    metrics_json: str | os.PathLike | None = None,
+    startup_timeout_s: float = 120.0,
+    print_summary: bool = True,
+    progress: bool = True,
+    on_started: Any = None,
+) -> RunResult:
+    """Run ``spec`` on Ray until every stage has drained. Starts a local Ray unless one is
+    initialised or ``address`` names a cluster. Ctrl-C stops the sources and drains; a second
+    Ctrl-C aborts. ``on_started(actors)`` is called once the graph runs (tests use it)."""
+    own_ray = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, namespace=NAMESPACE,
+                 log_to_driver=True, configure_logging=False)
+        own_ray = True
+    run_id = uuid.uuid4().hex[:8]
+    t_start = time.monotonic()
+    actors: dict[str, Any] = {}
+    coord = None
+    try:
+        validate_graph(spec, ClusterResources.from_ray())
+        schema_names = set()
+        for st in spec.stages:
+            cls = get_stage_class(st.kind)
+            cfg = cls.Config.from_dict(dict(st.config))
+            schema_names |= set(cls.outputs(cfg).values()) | set(cls.inputs(cfg).values())
+        schemas = _schema_payload(schema_names)
+        coord = Coordinator.options(name=_coord_name(run_id), namespace=NAMESPACE).remote()
+        for st in spec.stages:
+            opts: dict[str, Any] = {
+                "max_restarts": st.restarts,
+                "max_task_retries": -1 if st.restarts else 0,
+                "num_gpus": st.resources.num_gpus,
+                # a stage with no CPU request is placed freely (Ray would otherwise reserve 1 CPU)
+                "num_cpus": st.resources.num_cpus or 0,
+            }
+            if st.resources.custom:
+                opts["resources"] = dict(st.resources.custom)
+            for r in range(st.replicas):
+                actors[f"{st.name}/{r}"] = StageActor.options(**opts).remote(run_id, spec, st.name, r, schemas)
+        keys = list(actors)
+        refs = [actors[k].endpoints.remote() for k in keys]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=startup_timeout_s)
+        if pending:
+            late = [keys[refs.index(p)] for p in pending]
+            raise StreamcalError(
+                f"stage replica(s) {late} did not start within {startup_timeout_s:.0f} s: the cluster has not "
+                "placed them (check their resources against `ray status`)"
+            )
+        endpoints = dict(zip(keys, ray.get(refs)))
+        calls = []
+        for st in spec.stages:
+            for r in range(st.replicas):
+                wiring = {
+                    i.port: [endpoints[f"{w.name}/{k}"][i.stream] for w, _ in spec.writers(i.stream) for k in range(w.replicas)]
+                    for i in st.inputs
+                }
+                key = f"{st.name}/{r}"
+                calls.append(coord.put_wiring.remote(key, wiring))
+                calls.append(actors[key].connect.remote(wiring))
+        ray.get(calls)
+        # readers first, sources last
+        order = sorted(spec.stages, key=lambda s: not s.inputs, reverse=False)
+        ray.get([actors[f"{st.name}/{r}"].start.remote() for st in order for r in range(st.replicas)])
+        if on_started is not None:
+            on_started(actors)
+        status, problems = _watch(spec, actors, progress)
+        reports = _collect_reports(actors)
+        result = RunResult(run_id, reports, merge_reports(reports), time.monotonic() - t_start, status, problems)
+    finally:
+        for a in actors.values():
+            try:
+                a.shutdown.remote()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        time.sleep(0.2)
+        for a in actors.values():
+            ray.kill(a, no_restart=True)
+        if coord is not None:
+            ray.kill(coord)
+        if own_ray:
+            ray.shutdown()
+    if print_summary:
+        print(result.summary_table())
+        for p in result.problems:
+            print(f"problem: {p}")
+    if metrics_json:
+        Path(metrics_json).write_text(json.dumps(result.to_json(), indent=2, default=str))
+    return result
+
+
+def _collect_reports(actors: dict[str, Any]) -> list[dict[str, Any]]:
+    reports = []
+    for key, a in actors.items():
+        try:
+            reports.append(ray.get(a.report.remote(), timeout=30))
+        except Exception as exc:  # noqa: BLE001
+            log.error("no report from %s: %s", key, exc)
+    return reports
+
+
+def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool) -> tuple[str, list[str]]:
+    """Poll replicas until all are done; handle Ctrl-C; name stuck edges."""
+    stall = max(spec.settings.stall_timeout_s, 1.0)
+    last_total, last_change = -1, time.monotonic()
+    interrupted = 0
+    statuses: dict[str, dict] = {}
+    bar = _Progress(progress)
+    try:
+        while True:
+            try:
+                keys = list(actors)
+                refs = [actors[k].status.remote() for k in keys]
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+                for k, ref in zip(keys, refs):
+                    if ref in ready:
+                        try:
+                            statuses[k] = ray.get(ref)
+                        except ray.exceptions.RayActorError as exc:
+                            statuses[k] = {"key": k, "state": "dead", "done": False, "in": 0, "out": 0,
+                                           "waiting": {}, "error": str(exc).splitlines()[0]}
+                    else:
+                        statuses.setdefault(k, {"key": k, "state": "restarting", "done": False, "in": 0,
+                                                "out": 0, "waiting": {}})["state"] = "restarting"
+                if statuses and all(s["done"] for s in statuses.values()) and len(statuses) == len(actors):
+                    bar.close(statuses)
+                    return "completed", []
+                dead = [k for k, s in statuses.items() if s["state"] == "dead"]
+                total = sum(s["in"] + s["out"] for s in statuses.values())
+                bar.update(statuses)
+                now = time.monotonic()
+                if total != last_total:
+                    last_total, last_change = total, now
+                elif now - last_change > stall or (dead and now - last_change > 1.0):
+                    problems = _stuck_report(statuses, dead)
+                    bar.close(statuses)
+                    for a in actors.values():
+                        a.abort.remote()
+                    return "stuck", problems
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                interrupted += 1
+                if interrupted == 1:
+                    print("\nstopping: sources end their streams, the graph drains (Ctrl-C again to abort)")
+                    for st in spec.stages:
+                        if not st.inputs:
+                            for r in range(st.replicas):
+                                actors[f"{st.name}/{r}"].stop.remote()
+                else:
+                    print("\naborting")
+                    for a in actors.values():
+                        a.abort.remote()
+                    bar.close(statuses)
+                    return "aborted", ["aborted by the user"]
+    finally:
+        bar.close(statuses)
+
+
+def _stuck_report(statuses: dict[str, dict], dead: list[str]) -> list[str]:
+    problems = [f"replica {k} is dead (no restarts left): {statuses[k].get('error')}" for k in dead]
+    for k, s in sorted(statuses.items()):
+        for port, w in (s.get("waiting") or {}).items():
+            problems.append(
+                f"stuck edge: {', '.join(w['end_of_stream_from'])} -> {k} (port '{port}', stream "
+                f"'{w['stream']}'): no end-of-stream and no progress"
+            )
+    return problems or ["no progress, but no replica reports a missing input"]
+
+
+class _Progress:
+    """A one-line live view of the run (rich), when progress is on and stdout is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.live = None
+        if enabled and os.isatty(1):
+            from rich.live import Live
+
+            self.live = Live(refresh_per_second=4, transient=True)
+            self.live.start()
+
+    def update(self, statuses: dict[str, dict]) -> None:
+        if self.live is not None:
+            done = sum(1 for s in statuses.values() if s["done"])
+            msgs = sum(s["out"] for s in statuses.values())
+            restarting = [k for k, s in statuses.items() if s["state"] in ("restarting", "dead")]
+            self.live.update(
+                f"replicas done {done}/{len(statuses)} | messages out {msgs}"
+                + (f" | restarting: {', '.join(restarting)}" if restarting else "")
+            )
+
+    def close(self, statuses: dict[str, dict]) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None

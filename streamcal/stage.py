@@ -1,0 +1,456 @@
+"""The stage protocol (DESIGN.md section 5).
+
+A stage kind is a :class:`Stage` subclass registered under a name with :func:`register_stage`.
+It has a typed frozen config (``Config``), declares its input and output ports with their schema
+names, and implements :meth:`Stage.process` (one batch), optionally :meth:`Stage.on_timer`
+(event-time timers) and :meth:`Stage.finish` (end of stream). Sources implement
+:meth:`Source.generate`.
+
+The base class does the bookkeeping, so stages never see bytes or sockets: :meth:`Stage.receive`
+decodes and checks a message, counts rejects with their reason, tracks link sequence numbers
+(gaps, duplicates), lineage (which source messages reached this stage), event-time watermarks and
+timers, and end-of-stream; :meth:`Stage.emit` stamps headers and hands the message to the runtime.
+The same stage object runs in-process (:mod:`streamcal.testing`) and inside a Ray actor
+(:mod:`streamcal.runtime`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import pyarrow as pa
+
+from streamcal import wire
+from streamcal.config import Config
+from streamcal.errors import StreamcalError, WireError
+from streamcal.metrics import RangeSet, StageMetrics
+from streamcal.schemas import ANY, REGISTRY, SchemaInfo
+from streamcal.wire import Header
+
+__all__ = [
+    "Stage",
+    "Source",
+    "Sink",
+    "InputWiring",
+    "StageContext",
+    "register_stage",
+    "get_stage_class",
+    "stage_kinds",
+]
+
+log = logging.getLogger("streamcal.stage")
+
+SendFn = Callable[[str, Header, "pa.RecordBatch | None"], int]
+
+
+@dataclass(frozen=True)
+class InputWiring:
+    """What an input port is connected to: the stream, its writers' producer ids, and options."""
+
+    stream: str
+    producers: tuple[str, ...]
+    latest_only: bool = False
+
+
+@dataclass
+class StageContext:
+    """Everything a stage instance knows about its place in the graph. Built by the runtime."""
+
+    stage: str
+    kind: str = ""
+    replica: int = 0
+    replicas: int = 1
+    incarnation: int = 0
+    inputs: dict[str, InputWiring] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # port -> stream
+    seed: int = 0
+    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    send: SendFn | None = None
+
+    @property
+    def producer(self) -> str:
+        return f"{self.stage}/{self.replica}"
+
+
+_STAGES: dict[str, type["Stage"]] = {}
+_BUILTINS_LOADED = False
+
+
+def register_stage(cls: type["Stage"]) -> type["Stage"]:
+    """Class decorator: register a stage kind under ``cls.kind``."""
+    if not cls.kind:
+        raise StreamcalError(f"stage class {cls.__name__} has no 'kind'")
+    old = _STAGES.get(cls.kind)
+    if old is not None and old is not cls and old.__qualname__ != cls.__qualname__:
+        raise StreamcalError(f"stage kind '{cls.kind}' is already registered by {old.__module__}.{old.__qualname__}")
+    _STAGES[cls.kind] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    import streamcal.actors as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"streamcal.actors.{mod.name}")
+    _BUILTINS_LOADED = True
+
+
+def get_stage_class(kind: str) -> type["Stage"]:
+    """The class of a stage kind: a registered name, or ``package.module:ClassName`` for your own."""
+    if ":" in kind:
+        mod_name, _, attr = kind.partition(":")
+        try:
+            cls = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise StreamcalError(f"cannot import stage kind '{kind}': {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise StreamcalError(f"'{kind}' is not a Stage subclass")
+        return cls
+    _load_builtins()
+    try:
+        return _STAGES[kind]
+    except KeyError:
+        raise StreamcalError(f"unknown stage kind '{kind}' (known: {', '.join(sorted(_STAGES))})") from None
+
+
+def stage_kinds() -> list[str]:
+    _load_builtins()
+    return sorted(_STAGES)
+
+
+class Stage:
+    """Base class of every stage kind. Subclasses set ``kind`` and ``Config`` and override
+    :meth:`inputs`, :meth:`outputs`, :meth:`process` and optionally :meth:`setup`,
+    :meth:`timer_period_ns`, :meth:`on_timer`, :meth:`finish`, :meth:`summary`."""
+
+    kind: ClassVar[str] = ""
+    Config: ClassVar[type[Config]] = Config
+    #: log the first N rejects per reason with their message, then every 1000th
+    LOG_FIRST_REJECTS: ClassVar[int] = 5
+
+    # ------------------------------------------------------------------ declaration
+    @classmethod
+    def inputs(cls, config: Any) -> dict[str, str]:
+        """Input ports -> schema name (``"*"`` accepts any registered schema)."""
+        return {}
+
+    @classmethod
+    def outputs(cls, config: Any) -> dict[str, str]:
+        """Output ports -> schema name."""
+        return {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __init__(self, config: Any, context: StageContext) -> None:
+        self.config = config
+        self.ctx = context
+        self.log = logging.getLogger(f"streamcal.stage.{context.stage}")
+        self.metrics = StageMetrics(context.stage, context.replica, context.incarnation)
+        in_decl = type(self).inputs(config)
+        out_decl = type(self).outputs(config)
+        self._in_schema: dict[str, str] = {p: in_decl[p] for p in context.inputs}
+        self._out_info: dict[str, SchemaInfo] = {p: REGISTRY.get(out_decl[p]) for p in context.outputs}
+        self._seq: dict[str, int] = defaultdict(int)
+        self._link_next: dict[tuple[str, str, int], int] = {}
+        self._eos_from: dict[str, set[str]] = {p: set() for p in context.inputs}
+        self._marks: dict[tuple[str, str], int] = {}
+        self._pending_src: dict[str, dict[str, RangeSet]] = {p: defaultdict(RangeSet) for p in context.outputs}
+        self.reached: dict[str, RangeSet] = defaultdict(RangeSet)
+        self.origins: dict[str, int] = {}
+        self.errors = 0
+        self._next_timer: int | None = None
+        self._max_t1 = 0
+        self._reject_logged: dict[str, int] = defaultdict(int)
+        self.done = False
+        for p, w in context.inputs.items():
+            self.metrics.input(p, w.stream)
+        for p, s in context.outputs.items():
+            self.metrics.output(p, s)
+
+    def setup(self) -> None:
+        """Called once before the first message (load a model, open a file)."""
+
+    def process(self, port: str, batch: pa.RecordBatch, header: Header) -> None:
+        """Handle one data batch received on ``port``. Call :meth:`emit` to send results."""
+        raise StreamcalError(f"stage kind '{self.kind}' has inputs but does not implement process()")
+
+    def timer_period_ns(self) -> int | None:
+        """Event-time period of :meth:`on_timer`, or ``None`` for no timer."""
+        return None
+
+    def on_timer(self, t_ns: int) -> None:
+        """Called for every multiple of :meth:`timer_period_ns` that the input watermark passes."""
+
+    def finish(self) -> None:
+        """Called once after end-of-stream on every input (may still emit)."""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able result shown at the end of a run (sinks: what they collected)."""
+        return {}
+
+    # ------------------------------------------------------------------ emission
+    def emit(self, port: str, batch: pa.RecordBatch, t0_ns: int, t1_ns: int) -> None:
+        """Send ``batch`` on output ``port`` with the event-time window [t0_ns, t1_ns]."""
+        info = self._out_info.get(port)
+        if info is None:
+            raise StreamcalError(
+                f"stage '{self.ctx.stage}': emit on unknown or unwired port '{port}' "
+                f"(wired: {', '.join(self.ctx.outputs) or 'none'})"
+            )
+        if not batch.schema.equals(info.schema):
+            raise StreamcalError(
+                f"stage '{self.ctx.stage}': batch emitted on '{port}' does not match schema '{info.name}':\n"
+                f"{batch.schema}\nexpected:\n{info.schema}"
+            )
+        seq = self._seq[port]
+        self._seq[port] = seq + 1
+        h = Header(
+            stream=self.ctx.outputs[port],
+            seq=seq,
+            producer=self.ctx.producer,
+            kind="data",
+            t0_ns=int(t0_ns),
+            t1_ns=int(t1_ns),
+            schema=info.name,
+            fp=info.fingerprint,
+        )
+        if self.ctx.incarnation:
+            h.extra["inc"] = self.ctx.incarnation
+        src = self._take_lineage(port, seq)
+        if src:
+            h.extra["src"] = src
+        self._send(port, h, batch)
+
+    def watermark(self, t_ns: int) -> None:
+        """Tell every reader that no data with event time before ``t_ns`` will follow."""
+        for port, stream in self.ctx.outputs.items():
+            h = Header(stream=stream, seq=self._seq[port], producer=self.ctx.producer, kind="watermark",
+                       t0_ns=int(t_ns), t1_ns=int(t_ns), schema=self._out_info[port].name,
+                       fp=self._out_info[port].fingerprint)
+            self._send(port, h, None)
+
+    def _take_lineage(self, port: str, seq: int) -> dict[str, list[list[int]]]:
+        if not self.ctx.inputs:  # a source: every message is an origin
+            return {self.ctx.producer: [[seq, seq]]}
+        pend = self._pending_src[port]
+        if not pend:
+            return {}
+        out = {o: r.to_list() for o, r in pend.items()}
+        pend.clear()
+        return out
+
+    def _send(self, port: str, header: Header, batch: pa.RecordBatch | None) -> None:
+        if self.ctx.send is None:
+            raise StreamcalError(f"stage '{self.ctx.stage}' is not attached to a runtime")
+        nbytes = self.ctx.send(port, header, batch)
+        if header.kind == "data":
+            c = self.metrics.outputs[port]
+            c.messages += 1
+            c.bytes += nbytes
+
+    def _send_eos(self) -> None:
+        for port, stream in self.ctx.outputs.items():
+            info = self._out_info[port]
+            h = Header(stream=stream, seq=self._seq[port], producer=self.ctx.producer, kind="eos",
+                       t0_ns=self._max_t1, t1_ns=self._max_t1, schema=info.name, fp=info.fingerprint)
+            origins = dict(self.origins) if self.ctx.inputs else {self.ctx.producer: self._seq[port]}
+            h.extra["origins"] = origins
+            if self.ctx.incarnation:
+                h.extra["inc"] = self.ctx.incarnation
+            src = self._take_lineage(port, -1) if self.ctx.inputs else {}
+            if src:
+                h.extra["src"] = src
+            self._send(port, h, None)
+
+    # ------------------------------------------------------------------ reception
+    def receive(self, port: str, frames: list, recv_ns: int | None = None, *, process: bool = True) -> None:
+        """Decode one message from ``port``, account for it, and dispatch it. Never raises on bad input.
+
+        ``process=False`` accounts for a data message without processing it (a latest-only input
+        superseded by a newer message)."""
+        recv_ns = recv_ns or time.time_ns()
+        wiring = self.ctx.inputs[port]
+        c = self.metrics.inputs[port]
+        try:
+            header, batch = wire.decode(
+                frames, max_bytes=self.ctx.max_message_bytes, expect_schema=self._in_schema[port]
+            )
+            if header.stream != wiring.stream:
+                raise WireError("stream", f"message of stream '{header.stream}' on a port wired to '{wiring.stream}'")
+        except WireError as exc:
+            self._reject(port, exc.reason, str(exc))
+            return
+        size = sum(len(f) for f in frames)
+        c.bytes += size
+        slot = header.producer
+        inc = int(header.extra.get("inc", 0) or 0)
+        lseq = header.extra.get("lseq")
+        if isinstance(lseq, int):
+            key = (port, slot, inc)
+            expected = self._link_next.get(key)
+            if expected is None:
+                expected = 0 if (self.ctx.incarnation == 0 and inc == 0) else lseq
+            if lseq > expected:
+                c.gaps += lseq - expected
+            elif lseq < expected:
+                c.duplicates += 1
+            self._link_next[key] = max(expected, lseq + 1)
+        src = header.extra.get("src")
+        if isinstance(src, dict):
+            self._merge_lineage(src)
+        if header.kind == "data":
+            c.messages += 1
+            c.latency.add(recv_ns - header.sent_ns)
+            if header.t1_ns > 0:
+                c.event_latency.add(recv_ns - header.t1_ns)
+            self._max_t1 = max(self._max_t1, header.t1_ns)
+            if not process:
+                self._advance(port, slot, header.t1_ns)
+                return
+            t_start = time.perf_counter_ns()
+            try:
+                self.process(port, batch, header)
+            except Exception as exc:  # a stage bug or data it cannot handle: counted, logged, not fatal
+                self.errors += 1
+                c.rejects["process"] += 1
+                self.log.exception("stage '%s' failed to process a batch from %s seq %d: %s",
+                                   self.ctx.stage, slot, header.seq, exc)
+            self.metrics.process_ns += time.perf_counter_ns() - t_start
+            self._advance(port, slot, header.t1_ns)
+        elif header.kind == "watermark":
+            self._max_t1 = max(self._max_t1, header.t1_ns)
+            self._advance(port, slot, header.t1_ns)
+        elif header.kind == "eos":
+            origins = header.extra.get("origins")
+            if isinstance(origins, dict):
+                for o, n in origins.items():
+                    if isinstance(o, str) and isinstance(n, int):
+                        self.origins[o] = max(self.origins.get(o, 0), n)
+            self._eos_from[port].add(slot)
+            self._marks[(port, slot)] = 1 << 62
+            if self._inputs_complete():
+                self._complete()
+            else:
+                self._fire_timers()
+
+    def _reject(self, port: str, reason: str, message: str) -> None:
+        c = self.metrics.inputs[port]
+        c.rejects[reason] += 1
+        n = self._reject_logged[reason] = self._reject_logged[reason] + 1
+        if n <= self.LOG_FIRST_REJECTS or n % 1000 == 0:
+            self.log.warning("stage '%s' port '%s' rejected a message (%d so far for this reason): %s",
+                             self.ctx.stage, port, c.rejects[reason], message)
+
+    def _merge_lineage(self, src: dict[str, Any]) -> None:
+        for origin, ranges in src.items():
+            if not isinstance(origin, str) or not isinstance(ranges, list):
+                continue
+            for r in ranges:
+                if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r):
+                    self.reached[origin].add(r[0], r[1])
+                    for pend in self._pending_src.values():
+                        pend[origin].add(r[0], r[1])
+
+    def _inputs_complete(self) -> bool:
+        return all(
+            set(w.producers) <= self._eos_from[p] for p, w in self.ctx.inputs.items()
+        )
+
+    # ------------------------------------------------------------------ event time
+    def _advance(self, port: str, slot: str, t_ns: int) -> None:
+        key = (port, slot)
+        if t_ns > self._marks.get(key, -1):
+            self._marks[key] = t_ns
+        self._fire_timers()
+
+    def input_watermark(self) -> int | None:
+        """Event time up to which every expected producer has sent (``None`` before all have)."""
+        marks = []
+        for p, w in self.ctx.inputs.items():
+            if w.latest_only:
+                continue
+            for slot in w.producers:
+                m = self._marks.get((p, slot))
+                if m is None:
+                    return None
+                marks.append(m)
+        return min(marks) if marks else None
+
+    def _fire_timers(self, upto: int | None = None) -> None:
+        period = self.timer_period_ns()
+        if not period:
+            return
+        wm = self.input_watermark() if upto is None else upto
+        if wm is None:
+            return
+        wm = min(wm, self._max_t1)  # never beyond the data seen (EOS marks are +inf)
+        if self._next_timer is None:
+            first = min((m for m in self._marks.values() if m < (1 << 62)), default=None)
+            if first is None:
+                return
+            self._next_timer = (first // period + 1) * period
+        while self._next_timer <= wm:
+            t = self._next_timer
+            self._next_timer += period
+            self.on_timer(t)
+
+    def _complete(self) -> None:
+        if self.done:
+            return
+        self._fire_timers(upto=self._max_t1)
+        self.finish()
+        self._send_eos()
+        self.done = True
+        self.metrics.end = time.monotonic()
+
+    # ------------------------------------------------------------------ reports
+    def report(self) -> dict[str, Any]:
+        """Final metrics, lineage and summary of this replica (JSON-able)."""
+        return {
+            "kind": self.kind,
+            "metrics": self.metrics.snapshot(),
+            "lineage": {o: r.to_list() for o, r in self.reached.items()} if self.ctx.inputs else {},
+            "origins": dict(self.origins),
+            "errors": self.errors,
+            "summary": self.summary(),
+        }
+
+
+class Source(Stage):
+    """A stage with no inputs. Implement :meth:`generate`, calling :meth:`emit` and yielding
+    between messages (each ``yield`` is where the runtime may stop the source)."""
+
+    def generate(self) -> Iterator[None]:
+        raise StreamcalError(f"source kind '{self.kind}' does not implement generate()")
+
+    def pace(self, event_t_ns: int, speed: float) -> None:
+        """Sleep so that event time advances at ``speed`` x wall-clock time (0: no pacing)."""
+        if speed <= 0:
+            return
+        now = time.monotonic_ns()
+        if not hasattr(self, "_pace0"):
+            self._pace0 = (event_t_ns, now)
+        e0, w0 = self._pace0
+        target = w0 + int((event_t_ns - e0) / speed)
+        if target > now:
+            time.sleep((target - now) / 1e9)
+
+    def run_source(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Drive :meth:`generate` to the end (or until ``should_stop``), then end the stream."""
+        for _ in self.generate():
+            if should_stop():
+                break
+        self._complete()
+
+
+class Sink(Stage):
+    """A stage with inputs and no outputs."""

@@ -1,0 +1,281 @@
+"""ZeroMQ data plane: output edges (ROUTER, bound by the writer) and input edges (DEALER,
+connected by the reader), plus the latest-only PUB socket for external subscribers.
+
+Topology of one stream written by W replicas and read by stages R1..Rk (each with replicas):
+
+* every writer replica binds one ROUTER socket for the stream (``ROUTER_MANDATORY``, so a full
+  or absent reader is reported to the writer instead of dropped; ``ROUTER_HANDOVER``, so a
+  restarted reader takes over its routing id);
+* every reader replica connects one DEALER per writer replica, with routing id
+  ``"<stage>/<replica>/<port>"``, and says ``hello`` (so a finished writer re-sends
+  end-of-stream to a reader that restarted);
+* fan-out: each data message goes to every reader *stage*; load balancing: within a stage, to
+  one replica, round-robin over the replicas whose queue has room; fan-in: a reader polls all
+  its DEALERs (fair queueing);
+* backpressure: ``SNDHWM``/``RCVHWM`` bound each link's queue; when every replica's queue is
+  full the writer waits (blocking), and reports the edge by name after ``stall_timeout_s``;
+* latest-only links never block the writer: a message that finds the link full is dropped and
+  counted, and its lineage is carried by the next message on that link.
+
+Every message on a link carries ``lseq`` (link sequence, gap-free per writer -> reader replica).
+The sockets only move bytes; decoding and checks happen in :mod:`streamcal.stage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+import zmq
+
+from streamcal import wire
+from streamcal.metrics import EdgeCounters
+from streamcal.wire import Header
+
+__all__ = ["ReaderGroup", "OutputEdge", "InputEdge", "HELLO", "StopRequested", "bind_socket", "recv_frames", "subscriber"]
+
+log = logging.getLogger("streamcal.transport")
+
+HELLO = b"hello"
+
+
+class StopRequested(Exception):
+    """Raised inside a blocked send when the run is being aborted."""
+
+
+@dataclass(frozen=True)
+class ReaderGroup:
+    """The replicas of one reader stage on a stream: their routing ids, queue bound, options."""
+
+    stage: str
+    identities: tuple[bytes, ...]
+    latest_only: bool = False
+
+
+def bind_socket(sock: zmq.Socket, interface: str, port: int = 0) -> str:
+    """Bind ``sock`` on ``tcp://interface:port`` (a free port when 0); return the endpoint."""
+    if port:
+        sock.bind(f"tcp://{interface}:{port}")
+        return f"tcp://{interface}:{port}"
+    port = sock.bind_to_random_port(f"tcp://{interface}")
+    return f"tcp://{interface}:{port}"
+
+
+class OutputEdge:
+    """One output stream of one writer replica."""
+
+    def __init__(
+        self,
+        zctx: zmq.Context,
+        stream: str,
+        readers: list[ReaderGroup],
+        *,
+        hwm: int,
+        interface: str = "127.0.0.1",
+        port: int = 0,
+        publish: str | None = None,
+        publish_hwm: int = 4,
+        stall_timeout_s: float = 30.0,
+        counters: EdgeCounters | None = None,
+        should_abort: Callable[[], bool] = lambda: False,
+        label: str = "",
+    ) -> None:
+        self.stream = stream
+        self.readers = readers
+        self.label = label or stream
+        self.counters = counters or EdgeCounters(stream)
+        self.stall_timeout_s = stall_timeout_s
+        self.should_abort = should_abort
+        self.sock = zctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.RCVHWM, 1000)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.endpoint = bind_socket(self.sock, interface, port)
+        self.pub: zmq.Socket | None = None
+        if publish:
+            self.pub = zctx.socket(zmq.PUB)
+            self.pub.setsockopt(zmq.SNDHWM, publish_hwm)
+            self.pub.setsockopt(zmq.LINGER, 0)
+            self.pub.bind(publish)
+        self._lseq: dict[bytes, int] = {i: 0 for g in readers for i in g.identities}
+        self._rr: dict[str, int] = {g.stage: 0 for g in readers}
+        self._carry: dict[bytes, dict] = {}  # latest-only: lineage of dropped messages, per link
+        self._eos: Header | None = None
+        self.ready: set[bytes] = set()
+
+    # ------------------------------------------------------------------ control
+    def poll_control(self) -> None:
+        """Read hellos from readers (non-blocking); re-send end-of-stream to late ones."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 2 and frames[1] == HELLO:
+                ident = frames[0]
+                self.ready.add(ident)
+                if self._eos is not None and ident in self._lseq:
+                    log.info("edge %s: reader %s (re)connected after end-of-stream; sending it again",
+                             self.label, ident.decode(errors="replace"))
+                    self._send_blocking(ident, self._eos, b"", stall_limit=self.stall_timeout_s)
+
+    # ------------------------------------------------------------------ data
+    def send(self, header: Header, batch: pa.RecordBatch | None) -> int:
+        """Route one message (data: one replica per reader stage; others: every replica)."""
+        payload = wire.encode_payload(batch) if batch is not None else b""
+        if header.sent_ns == 0:
+            header.sent_ns = wire.now_ns()
+        nbytes = 0
+        if header.kind == "eos":
+            self._eos = header
+        for group in self.readers:
+            if header.kind == "data":
+                nbytes = self._send_balanced(group, header, payload)
+            else:
+                for ident in group.identities:
+                    nbytes = self._send_blocking(ident, header, payload, stall_limit=None)
+        if self.pub is not None and header.kind in ("data", "eos"):
+            header.extra.pop("lseq", None)
+            frames = [wire.encode_header(header), payload]
+            try:
+                self.pub.send_multipart(frames, zmq.NOBLOCK, copy=len(payload) < 65536)
+            except zmq.Again:
+                self.counters.dropped += 1
+            nbytes = nbytes or len(frames[0]) + len(payload)
+        return nbytes
+
+    def _frames(self, ident: bytes, header: Header, payload) -> list:
+        header.extra["lseq"] = self._lseq[ident]
+        carry = self._carry.pop(ident, None)
+        if carry:
+            src = header.extra.setdefault("src", {})
+            for o, ranges in carry.items():
+                src[o] = ranges + src.get(o, [])
+        return [ident, wire.encode_header(header), payload]
+
+    def _try(self, frames: list) -> bool:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[2]) < 65536)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
+    def _send_balanced(self, group: ReaderGroup, header: Header, payload) -> int:
+        n = len(group.identities)
+        start = self._rr[group.stage]
+        if group.latest_only:
+            ident = group.identities[start % n]
+            self._rr[group.stage] = (start + 1) % n
+            src = header.extra.get("src")
+            frames = self._frames(ident, header, payload)
+            if self._try(frames):
+                self._lseq[ident] += 1
+            else:
+                self.counters.dropped += 1
+                if src:
+                    self._carry[ident] = {o: list(r) for o, r in src.items()}
+                header.extra["src"] = src
+            return len(frames[1]) + len(payload)
+        t_block = None
+        delay = 50e-6
+        while True:
+            for k in range(n):
+                ident = group.identities[(start + k) % n]
+                frames = self._frames(ident, header, payload)
+                if self._try(frames):
+                    self._lseq[ident] += 1
+                    self._rr[group.stage] = (start + k + 1) % n
+                    if t_block is not None:
+                        self.counters.stalled_s += time.monotonic() - t_block
+                    return len(frames[1]) + len(payload)
+            t_block = self._wait(t_block, group.stage, delay)
+            delay = min(delay * 2, 5e-3)
+
+    def _send_blocking(self, ident: bytes, header: Header, payload, stall_limit: float | None) -> int:
+        frames = self._frames(ident, header, payload)
+        t_block = None
+        delay = 50e-6
+        while not self._try(frames):
+            t_block = self._wait(t_block, ident.decode(errors="replace"), delay)
+            delay = min(delay * 2, 5e-3)
+            if stall_limit is not None and time.monotonic() - t_block > stall_limit:
+                log.error("edge %s: gave up sending '%s' to %s after %.0f s", self.label, header.kind,
+                          ident.decode(errors="replace"), stall_limit)
+                return 0
+        self._lseq[ident] += 1
+        if t_block is not None:
+            self.counters.stalled_s += time.monotonic() - t_block
+        return len(frames[1]) + len(payload)
+
+    def _wait(self, t_block: float | None, target: str, delay: float) -> float:
+        now = time.monotonic()
+        if t_block is None:
+            t_block, self._warned = now, 0
+        if self.should_abort():
+            raise StopRequested(self.label)
+        stalled = now - t_block
+        if stalled > self.stall_timeout_s * (self._warned + 1):
+            self._warned += 1
+            log.warning(
+                "edge %s -> %s stuck for %.0f s: no reader replica accepts messages "
+                "(full queue, or reader not connected/crashed)", self.label, target, stalled,
+            )
+        self.poll_control()
+        time.sleep(delay)
+        return t_block
+
+    def close(self) -> None:
+        self.sock.close(linger=1000)
+        if self.pub is not None:
+            self.pub.close(linger=0)
+
+
+class InputEdge:
+    """One input port of one reader replica: a DEALER per writer endpoint."""
+
+    def __init__(self, zctx: zmq.Context, port: str, identity: bytes, endpoints: list[str], *, hwm: int) -> None:
+        self.port = port
+        self.identity = identity
+        self.endpoints = list(endpoints)
+        self.socks: list[zmq.Socket] = []
+        for ep in endpoints:
+            s = zctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.ROUTING_ID, identity)
+            s.setsockopt(zmq.RCVHWM, hwm)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RECONNECT_IVL, 100)
+            s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            s.connect(ep)
+            s.send(HELLO, zmq.NOBLOCK)
+            self.socks.append(s)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(linger=0)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
+    """Receive one multipart message as [header bytes, payload buffer] (payload zero-copy)."""
+    parts = sock.recv_multipart(flags, copy=False)
+    return [p.bytes if i == 0 else p.buffer for i, p in enumerate(parts)]
+
+
+def subscriber(zctx: zmq.Context, endpoint: str, *, hwm: int = 4) -> zmq.Socket:
+    """A SUB socket on a published (latest-only) stream."""
+    s = zctx.socket(zmq.SUB)
+    s.setsockopt(zmq.RCVHWM, hwm)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.connect(endpoint)
+    return s
+
+
