@@ -149,6 +149,7 @@ class _ActorImpl:
                 should_abort=lambda: self._abort, label=f"{self.key}:{port}->{stream}",
             )
         self.ctx.send = lambda port, header, batch: self.outputs[port].send(header, batch)
+        self.ctx.send_raw = lambda port, frames: self.outputs[port].send_raw(frames)
         self.inputs: dict[str, InputEdge] = {}
         self.stage.setup()
         ray.get(self.coord.put_endpoints.remote(self.key, self.endpoints()))
@@ -204,6 +205,9 @@ class _ActorImpl:
             "out": sum(c.messages for c in m.outputs.values()),
             "waiting": waiting,
             "error": self.error,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "rss_mb": _rss_mb(),
+            "stalled_s": round(sum(c.stalled_s for c in m.outputs.values()), 3),
         }
 
     def report(self) -> dict[str, Any]:
@@ -304,6 +308,15 @@ class _ActorImpl:
                 for e in self.outputs.values():
                     if e.sock is sock:
                         e.poll_control()
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process in MB (Linux; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError):
+        return 0.0
 
 
 _RAY_GAUGES: dict[str, Any] = {}

@@ -72,6 +72,7 @@ class StageContext:
     seed: int = 0
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     send: SendFn | None = None
+    send_raw: Callable[[str, list], None] | None = None
 
     @property
     def producer(self) -> str:
@@ -229,6 +230,12 @@ class Stage:
         if src:
             h.extra["src"] = src
         self._send(port, h, batch)
+
+    def emit_raw(self, port: str, frames: list[bytes]) -> None:
+        """Send pre-built frames on ``port``, routed like data (relays and fault injection)."""
+        if self.ctx.send_raw is None:
+            raise StreamcalError(f"stage '{self.ctx.stage}' is not attached to a runtime")
+        self.ctx.send_raw(port, frames)
 
     def watermark(self, t_ns: int) -> None:
         """Tell every reader that no data with event time before ``t_ns`` will follow."""
@@ -413,13 +420,19 @@ class Stage:
         self.metrics.end = time.monotonic()
 
     # ------------------------------------------------------------------ reports
+    @property
+    def is_terminal(self) -> bool:
+        return bool(self.ctx.inputs) and not self.ctx.outputs
+
     def report(self) -> dict[str, Any]:
         """Final metrics, lineage and summary of this replica (JSON-able)."""
         return {
             "kind": self.kind,
             "metrics": self.metrics.snapshot(),
-            "lineage": {o: r.to_list() for o, r in self.reached.items()} if self.ctx.inputs else {},
-            "origins": dict(self.origins),
+            # end-to-end accounting is done where streams end (stages without outputs): what an
+            # intermediate replica saw dies with it when it crashes, what reaches a sink does not
+            "lineage": {o: r.to_list() for o, r in self.reached.items()} if self.is_terminal else {},
+            "origins": dict(self.origins) if self.is_terminal else {},
             "errors": self.errors,
             "summary": self.summary(),
         }

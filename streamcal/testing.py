@@ -98,6 +98,7 @@ def run_graph_local(spec: GraphSpec | str | Path, *, max_steps: int | None = Non
                     r.name: [_Link(q, i.port) for _, q in queues[r.name]] for r, i in readers
                 }
                 w.ctx.send = _make_send(w, stream, links, rr, published, spec)
+                w.ctx.send_raw = _make_send_raw(w, links, rr)
     for group in stages.values():
         for s in group:
             s.setup()
@@ -165,6 +166,17 @@ def _make_send(writer: Stage, stream: str, links: dict[str, list[_Link]], rr: di
         return nbytes or len(payload)
 
     return send
+
+
+def _make_send_raw(writer: Stage, links: dict[str, list[_Link]], rr: dict):
+    def send_raw(port: str, frames: list) -> None:
+        for reader, reps in links.items():
+            key = (writer.ctx.producer, port, reader)
+            i = rr.get(key, 0)
+            rr[key] = (i + 1) % len(reps)
+            reps[i].queue.append((reps[i].port, list(frames)))
+
+    return send_raw
 
 
 def run_stage(

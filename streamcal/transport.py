@@ -149,6 +149,32 @@ class OutputEdge:
             nbytes = nbytes or len(frames[0]) + len(payload)
         return nbytes
 
+    def send_raw(self, frames: list) -> None:
+        """Route pre-built frames like a data message (one replica per reader stage)."""
+        for group in self.readers:
+            n = len(group.identities)
+            start = self._rr[group.stage]
+            t_block, delay = None, 50e-6
+            while True:
+                sent = False
+                for k in range(n):
+                    ident = group.identities[(start + k) % n]
+                    try:
+                        self.sock.send_multipart([ident, *frames], zmq.NOBLOCK)
+                    except zmq.Again:
+                        continue
+                    except zmq.ZMQError as exc:
+                        if exc.errno == zmq.EHOSTUNREACH:
+                            continue
+                        raise
+                    self._rr[group.stage] = (start + k + 1) % n
+                    sent = True
+                    break
+                if sent:
+                    break
+                t_block = self._wait(t_block, group.stage, delay)
+                delay = min(delay * 2, 5e-3)
+
     def _frames(self, ident: bytes, header: Header, payload) -> list:
         header.extra["lseq"] = self._lseq[ident]
         carry = self._carry.pop(ident, None)

@@ -254,10 +254,6 @@ def decode(
         if len(payload):
             raise WireError("payload", f"'{header.kind}' message must have an empty payload")
         return header, None
-    if expect_schema not in (None, "*") and header.schema != expect_schema:
-        raise WireError(
-            "schema_mismatch", f"message schema '{header.schema}' where this input expects '{expect_schema}'"
-        )
     if header.schema not in registry:
         raise WireError("schema_unknown", f"unknown schema '{header.schema}'")
     info = registry.get(header.schema)
@@ -265,6 +261,10 @@ def decode(
         raise WireError(
             "schema_fingerprint",
             f"schema '{header.schema}' fingerprint {header.fp} != registered {info.fingerprint}",
+        )
+    if expect_schema not in (None, "*") and header.schema != expect_schema:
+        raise WireError(
+            "schema_mismatch", f"message schema '{header.schema}' where this input expects '{expect_schema}'"
         )
     if header.t1_ns < header.t0_ns:
         raise WireError("header", f"event-time window t0_ns={header.t0_ns} > t1_ns={header.t1_ns}")

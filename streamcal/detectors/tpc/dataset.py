@@ -1,0 +1,505 @@
+"""Training-set generator for the distortion-fluctuation corrections (seed section 4.2).
+
+The seed's *augmentation procedure*: ``K`` random density maps (default 1000, simulated with
+:mod:`streamcal.detectors.tpc.density` at the nominal rate) are combined with ``M = 27`` average
+maps, giving ``K x M`` samples. The average maps are the nominal average (the exact expectation
+of the simulator, the ``K -> infinity`` limit of the seed's "average of all random maps") scaled by
+
+    s(d) = 1 + c + l (d - 0.5) + p (d - 0.5)^2,   c, l, p in {-x, 0, +x}  (x = 0.1: "+-10 %"),
+
+with ``d = (L - z) / L`` the relative drift length (0 at the readout, 1 at the central
+electrode). A sample holds the average map, the fluctuation ``random - average`` of the density
+and of the distortions and corrections (dr, drphi, dz from
+:func:`~streamcal.detectors.tpc.langevin.space_charge_distortions`), and the matching 1D IDC
+series. The distortions of each random map and of the 27 average maps are computed once, so a
+sample costs two subtractions.
+
+Bias (training only): "the space-charge densities of the training samples are randomly biased
+towards generally lower or higher values to make the distribution of fluctuations more uniform".
+With ``bias = b > 0`` each random map of the training split is multiplied by ``f = 1 + b u``,
+``u ~ U(-1, 1)`` (its IDCs too, as a change of rate would); the global fluctuation, normally
+Gaussian with sigma ~ 1.5 % (eq. 1 at 10^4 pile-up), becomes roughly uniform over ``+-b``. The
+evaluation split is always unbiased (``f = 1``).
+
+Determinism and disjoint splits: random map ``k`` of split ``s`` is drawn from
+``numpy.random.SeedSequence(seed, spawn_key=(SPLIT_KEYS[s], k))``. Distinct ``(split, k)`` give
+independent streams, so the training and evaluation splits never share a random map, and a sample
+depends only on ``(seed, split, index)`` (not on workers, shards or order).
+
+Sample order: ``index = k * M + m`` (random map ``k``, average ``m``). Units: densities rho/eps0 in
+V/cm^2, distortions and corrections in cm, IDCs relative to the nominal expectation (1 = nominal).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from streamcal.detectors.tpc.constants import N_SECTORS, Grid, parse_grid
+from streamcal.detectors.tpc.density import (
+    DensityConfig,
+    DensitySimulator,
+    average_density,
+)
+from streamcal.detectors.tpc.idc import idc_fourier
+
+__all__ = [
+    "SPLIT_KEYS",
+    "N_AVERAGE_MAPS",
+    "TENSOR_FIELDS",
+    "SCALAR_FIELDS",
+    "DatasetConfig",
+    "average_scalings",
+    "scaled_average",
+    "DatasetGenerator",
+    "TPCFluctuationDataset",
+    "write_shards",
+    "read_shards",
+    "line_charge_sample",
+]
+
+SPLIT_KEYS: dict[str, int] = {"train": 0, "eval": 1}
+N_AVERAGE_MAPS = 27
+TENSOR_FIELDS = (
+    "density_average",  # (nphi, nr, nz) V/cm^2
+    "density_fluctuation",  # (nphi, nr, nz) V/cm^2, random - average
+    "distortion_fluctuation",  # (3, nphi, nr, nz) cm: dr, drphi, dz
+    "correction_fluctuation",  # (3, nphi, nr, nz) cm
+    "idc1d",  # (n_time_bins,) relative 1D IDC of the random map, chronological
+    "idc1d_average",  # (n_time_bins,) expected relative 1D IDC of the average map, s(d(t))
+    "idc_fourier",  # (2 n_fourier,) [Re, Im] of rfft(idc1d - 1) / n_time_bins
+)
+SCALAR_FIELDS = (
+    "sample_index",
+    "random_index",
+    "average_index",
+    "scale_c",
+    "scale_l",
+    "scale_p",
+    "bias_factor",
+    "relative_fluctuation",  # sum((random - average) dV) / sum(average dV)
+)
+UNITS = {
+    "density_average": "V/cm^2 (rho/eps0)",
+    "density_fluctuation": "V/cm^2 (rho/eps0)",
+    "distortion_fluctuation": "cm (dr, drphi, dz)",
+    "correction_fluctuation": "cm (dr, drphi, dz)",
+    "idc1d": "relative to the nominal expectation",
+    "idc1d_average": "relative to the nominal expectation",
+    "idc_fourier": "rfft(idc1d - 1) / n, [Re c_0..c_k-1, Im c_0..c_k-1]",
+}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Configuration of the augmented training set.
+
+    Attributes:
+        grid: the (phi x r x z) grid (a :class:`Grid` or ``"90x17x17"``).
+        n_random: number ``K`` of random density maps (>= 1).
+        scale_step: ``x`` of the average-map scalings (0 <= x < 1 / 1.25 so that s(d) > 0).
+        bias: half-width ``b`` of the training bias factor ``1 + b U(-1, 1)`` (0 <= b < 1).
+        split: ``"train"`` or ``"eval"`` (eval is never biased).
+        seed: non-negative integer.
+        density: the density simulation (rate, epsilon, ...).
+        n_fourier: number of Fourier coefficients of the 1D IDC series (>= 1).
+    """
+
+    grid: Grid | str = field(default_factory=lambda: Grid(90, 17, 17))
+    n_random: int = 1000
+    scale_step: float = 0.1
+    bias: float = 0.05
+    split: Literal["train", "eval"] = "train"
+    seed: int = 0
+    density: DensityConfig = field(default_factory=DensityConfig)
+    n_fourier: int = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", parse_grid(self.grid, argument="DatasetConfig.grid"))
+        if isinstance(self.n_random, bool) or not isinstance(self.n_random, (int, np.integer)) or self.n_random < 1:
+            raise ValueError(f"DatasetConfig.n_random must be an integer >= 1, got {self.n_random!r}")
+        if not isinstance(self.scale_step, (int, float)) or not 0 <= self.scale_step < 0.8:
+            raise ValueError(f"DatasetConfig.scale_step must be a number in [0, 0.8), got {self.scale_step!r}")
+        if not isinstance(self.bias, (int, float)) or not 0 <= self.bias < 1:
+            raise ValueError(f"DatasetConfig.bias must be a number in [0, 1), got {self.bias!r}")
+        if self.split not in SPLIT_KEYS:
+            raise ValueError(f"DatasetConfig.split must be one of {sorted(SPLIT_KEYS)}, got {self.split!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"DatasetConfig.seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.density, DensityConfig):
+            raise TypeError(f"DatasetConfig.density must be a DensityConfig, got {type(self.density).__name__}")
+        n_t = self.density.n_time_bins
+        if isinstance(self.n_fourier, bool) or not isinstance(self.n_fourier, (int, np.integer)) or not 1 <= self.n_fourier <= n_t // 2 + 1:
+            raise ValueError(f"DatasetConfig.n_fourier must be an integer in [1, {n_t // 2 + 1}], got {self.n_fourier!r}")
+
+    @property
+    def n_samples(self) -> int:
+        return self.n_random * N_AVERAGE_MAPS
+
+    @property
+    def effective_bias(self) -> float:
+        return self.bias if self.split == "train" else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable description (shard metadata)."""
+        d = self.density
+        return {
+            "grid": str(self.grid),
+            "n_random": int(self.n_random),
+            "n_average": N_AVERAGE_MAPS,
+            "scale_step": self.scale_step,
+            "bias": self.effective_bias,
+            "split": self.split,
+            "seed": int(self.seed),
+            "n_fourier": int(self.n_fourier),
+            "density": {
+                "rate_hz": d.rate_hz,
+                "epsilon": d.epsilon,
+                "epsilon_map": None if d.epsilon_map is None else repr(d.epsilon_map),
+                "ion_drift_time": d.ion_drift_time,
+                "time_bin": d.time_bin,
+                "track_charge_rms": d.track_charge_rms,
+                "primary_ions": d.primary_ions,
+                "ionisation_per_cm": d.ionisation_per_cm,
+                "multiplicity": asdict(d.multiplicity),
+            },
+            "units": UNITS,
+        }
+
+
+def average_scalings(x: float = 0.1) -> np.ndarray:
+    """The 27 ``(c, l, p)`` triples, each in ``{-x, 0, +x}`` (index 13 is the nominal 0, 0, 0)."""
+    return np.array(list(itertools.product((-x, 0.0, x), repeat=3)), dtype=np.float64)
+
+
+def scaled_average(nominal: np.ndarray, grid: Grid, c: float, l: float, p: float) -> np.ndarray:
+    """``nominal * s(d)`` with ``s(d) = 1 + c + l (d - 0.5) + p (d - 0.5)^2``, ``d = (L - z)/L``."""
+    d = (grid.length - grid.z) / grid.length
+    return nominal * (1.0 + c + l * (d - 0.5) + p * (d - 0.5) ** 2)
+
+
+class DatasetGenerator:
+    """Produces the samples of a :class:`DatasetConfig` by index (module doc).
+
+    ``solver``: an optional :class:`~streamcal.detectors.tpc.poisson.PoissonSolver` to reuse;
+    ``device``: where the distortions are computed.
+    """
+
+    def __init__(self, config: DatasetConfig | None = None, *, solver: Any = None, device: str | torch.device = "cpu") -> None:
+        self.config = DatasetConfig() if config is None else config
+        if not isinstance(self.config, DatasetConfig):
+            raise TypeError(f"config must be a DatasetConfig, got {type(self.config).__name__}")
+        self.grid: Grid = self.config.grid  # type: ignore[assignment]
+        self.device = torch.device(device)
+        self._solver = solver
+        self._simulator = DensitySimulator(self.grid, self.config.density)
+        self.scalings = average_scalings(self.config.scale_step)  # (27, 3)
+        self.nominal = average_density(self.grid, self.config.density)  # (nphi, nr, nz)
+        self._averages: np.ndarray | None = None
+        self._average_distortions: tuple[np.ndarray, np.ndarray] | None = None
+        self._cache: tuple[int, dict[str, Any]] | None = None
+        ages = self.config.density.time_edges()
+        d_mid = 0.5 * (ages[:-1] + ages[1:]) / self.config.density.ion_drift_time  # (n_t,)
+        c, l, p = self.scalings.T
+        self._idc_average = 1.0 + c[:, None] + l[:, None] * (d_mid - 0.5) + p[:, None] * (d_mid - 0.5) ** 2  # (27, n_t)
+        _, nr, nz = self.grid.shape
+        edges_r = np.concatenate([[self.grid.r[0]], 0.5 * (self.grid.r[1:] + self.grid.r[:-1]), [self.grid.r[-1]]])
+        edges_z = np.concatenate([[0.0], 0.5 * (self.grid.z[1:] + self.grid.z[:-1]), [self.grid.length]])
+        self._volume = self.grid.dphi * (self.grid.r * np.diff(edges_r))[:, None] * np.diff(edges_z)[None, :]  # (nr, nz)
+
+    def __len__(self) -> int:
+        return self.config.n_samples
+
+    # -- physics -------------------------------------------------------------------------------
+    def _distortions(self, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distortion, correction) of ``rho`` (..., nphi, nr, nz) -> (..., 3, nphi, nr, nz) each, cm."""
+        from streamcal.detectors.tpc.langevin import space_charge_distortions  # solver stack, loaded on use
+        from streamcal.detectors.tpc.poisson import PoissonSolver
+
+        if self._solver is None:
+            self._solver = PoissonSolver(self.grid, dtype=torch.float64, device=self.device)
+        t = torch.as_tensor(rho, dtype=torch.float64, device=self.device)
+        out = space_charge_distortions(t, self.grid, solver=self._solver, corrections=True)
+        return out.distortion.detach().cpu().numpy(), out.correction.detach().cpu().numpy()
+
+    @property
+    def averages(self) -> np.ndarray:
+        """The 27 average maps, shape (27, nphi, nr, nz)."""
+        if self._averages is None:
+            self._averages = np.stack([scaled_average(self.nominal, self.grid, *s) for s in self.scalings])
+        return self._averages
+
+    def average_distortions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distortions and corrections of the 27 average maps, (27, 3, nphi, nr, nz) each (cached)."""
+        if self._average_distortions is None:
+            self._average_distortions = self._distortions(self.averages)
+        return self._average_distortions
+
+    def random_seed_sequence(self, k: int) -> np.random.SeedSequence:
+        """The seed of random map ``k`` of this split (module doc)."""
+        return np.random.SeedSequence(int(self.config.seed), spawn_key=(SPLIT_KEYS[self.config.split], int(k)))
+
+    def random_map(self, k: int, *, with_distortions: bool = True) -> dict[str, Any]:
+        """Random map ``k``: ``density`` (nphi, nr, nz), ``idc1d`` (n_t,), ``bias_factor`` and, if
+        asked, its ``distortion`` and ``correction`` (3, nphi, nr, nz)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.config.n_random:
+            raise IndexError(f"random map index must be in [0, {self.config.n_random}), got {k!r}")
+        if self._cache is not None and self._cache[0] == k and ("distortion" in self._cache[1] or not with_distortions):
+            return self._cache[1]
+        rng = np.random.default_rng(self.random_seed_sequence(k))
+        sample = self._simulator.sample(rng, n=1)
+        b = self.config.effective_bias
+        f = 1.0 + b * rng.uniform(-1.0, 1.0) if b > 0 else 1.0
+        out: dict[str, Any] = {
+            "density": sample.density[0] * f,
+            "idc1d": sample.idc1d()[0] * f,
+            "bias_factor": float(f),
+        }
+        if with_distortions:
+            out["distortion"], out["correction"] = self._distortions(out["density"])
+        self._cache = (int(k), out)
+        return out
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """Sample ``index = k * 27 + m`` as numpy arrays (float32) and scalars (module doc)."""
+        n = self.config.n_samples
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+            raise IndexError(f"sample index must be in [0, {n}), got {index!r}")
+        k, m = divmod(int(index), N_AVERAGE_MAPS)
+        rnd = self.random_map(k)
+        avg = self.averages[m]
+        avg_dist, avg_corr = self.average_distortions()
+        return self._assemble(
+            index=int(index), random_index=k, average_index=m, average=avg, random=rnd,
+            dist_fluct=rnd["distortion"] - avg_dist[m], corr_fluct=rnd["correction"] - avg_corr[m],
+            idc_average=self._idc_average[m], scaling=self.scalings[m],
+        )  # fmt: skip
+
+    def _assemble(
+        self,
+        *,
+        index: int,
+        random_index: int,
+        average_index: int,
+        average: np.ndarray,
+        random: dict[str, Any],
+        dist_fluct: np.ndarray,
+        corr_fluct: np.ndarray,
+        idc_average: np.ndarray,
+        scaling: np.ndarray,
+    ) -> dict[str, Any]:
+        fluct = random["density"] - average
+        integral = float(np.sum(average * self._volume))
+        rel = float(np.sum(fluct * self._volume)) / integral if integral > 0 else 0.0
+        idc1d = np.asarray(random["idc1d"], dtype=np.float64)
+        return {
+            "density_average": average.astype(np.float32),
+            "density_fluctuation": fluct.astype(np.float32),
+            "distortion_fluctuation": dist_fluct.astype(np.float32),
+            "correction_fluctuation": corr_fluct.astype(np.float32),
+            "idc1d": idc1d.astype(np.float32),
+            "idc1d_average": np.asarray(idc_average, dtype=np.float32),
+            "idc_fourier": idc_fourier(idc1d, self.config.n_fourier).astype(np.float32),
+            "sample_index": np.int64(index),
+            "random_index": np.int64(random_index),
+            "average_index": np.int64(average_index),
+            "scale_c": np.float32(scaling[0]),
+            "scale_l": np.float32(scaling[1]),
+            "scale_p": np.float32(scaling[2]),
+            "bias_factor": np.float32(random["bias_factor"]),
+            "relative_fluctuation": np.float32(rel),
+        }
+
+    def iter_samples(self, indices: Sequence[int] | range) -> Iterator[dict[str, Any]]:
+        """Samples in the given order (consecutive indices of one random map reuse its distortions)."""
+        for i in indices:
+            yield self.sample(int(i))
+
+
+def _shard_indices(start: int, stop: int, worker: int, n_workers: int) -> list[int]:
+    """Indices of ``[start, stop)`` whose random map ``index // 27`` falls to ``worker``."""
+    return [i for i in range(start, stop) if (i // N_AVERAGE_MAPS) % n_workers == worker]
+
+
+class TPCFluctuationDataset(IterableDataset):
+    """The augmented training set generated on the fly (a torch IterableDataset).
+
+    Yields dicts of CPU tensors (fields :data:`TENSOR_FIELDS` and :data:`SCALAR_FIELDS`) for the
+    sample indices ``[start, stop)``. With a multi-worker DataLoader each worker takes whole random
+    maps (``(index // 27) % num_workers == worker_id``), so every sample is produced exactly once
+    and each worker computes the distortions of its random maps once.
+    """
+
+    def __init__(self, config: DatasetConfig | None = None, *, start: int = 0, stop: int | None = None, device: str = "cpu") -> None:
+        super().__init__()
+        self.config = DatasetConfig() if config is None else config
+        n = self.config.n_samples
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"start, stop must satisfy 0 <= start <= stop <= {n} (n_samples), got {start}, {stop}")
+        self.start, self.stop, self.device = int(start), int(stop), device
+        self._generator: DatasetGenerator | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def indices(self) -> list[int]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return _shard_indices(self.start, self.stop, worker, n_workers)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._generator is None:
+            self._generator = DatasetGenerator(self.config, device=self.device)
+        for s in self._generator.iter_samples(self.indices()):
+            yield {k: torch.from_numpy(np.asarray(v)) for k, v in s.items()}
+
+
+def _to_table(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {}
+    for name in TENSOR_FIELDS:
+        stacked = np.ascontiguousarray(np.stack([r[name] for r in rows]))  # (n, *shape)
+        columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+    for name in SCALAR_FIELDS:
+        columns[name] = pa.array(np.array([r[name] for r in rows]))
+    table = pa.table(columns)
+    return table.replace_schema_metadata({"streamcal.tpc.dataset": json.dumps(metadata)})
+
+
+def write_shards(
+    config: DatasetConfig,
+    out_dir: str | Path,
+    *,
+    n_samples: int | None = None,
+    start: int = 0,
+    shard_size: int = 1000,
+    file_format: Literal["parquet", "arrow"] = "parquet",
+    progress: bool = True,
+    device: str = "cpu",
+) -> list[Path]:
+    """Write samples ``[start, start + n_samples)`` to ``out_dir`` as Parquet or Arrow IPC shards.
+
+    Files ``{split}-{i:05d}.{parquet|arrow}`` of at most ``shard_size`` rows; tensors are Arrow
+    fixed-shape tensor columns, the config and units are in the schema metadata and in
+    ``{split}-dataset.json``. Returns the shard paths. A tqdm bar shows progress.
+    """
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    total = config.n_samples - start if n_samples is None else n_samples
+    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+    if not 0 <= start or not 1 <= total or start + total > config.n_samples:
+        raise ValueError(
+            f"start and n_samples must satisfy 0 <= start, 1 <= n_samples, start + n_samples <= {config.n_samples} "
+            f"(n_random x 27), got start={start}, n_samples={n_samples}"
+        )
+    if file_format not in ("parquet", "arrow"):
+        raise ValueError(f"file_format must be 'parquet' or 'arrow', got {file_format!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = DatasetGenerator(config, device=device)
+    meta = config.summary()
+    (out / f"{config.split}-dataset.json").write_text(json.dumps(meta, indent=2))
+    paths: list[Path] = []
+    rows: list[dict[str, Any]] = []
+    n_shards = math.ceil(total / shard_size)
+    with tqdm(total=total, desc=f"tpc dataset ({config.split})", unit="sample", disable=not progress) as bar:
+        for s in generator.iter_samples(range(start, start + total)):
+            rows.append(s)
+            bar.update(1)
+            if len(rows) == shard_size or s["sample_index"] == start + total - 1:
+                path = out / f"{config.split}-{len(paths):05d}.{file_format}"
+                table = _to_table(rows, {**meta, "shard": len(paths), "n_shards": n_shards})
+                if file_format == "parquet":
+                    pq.write_table(table, path, use_dictionary=False)  # dictionaries only slow float maps down
+                else:
+                    feather.write_feather(table, path, compression="uncompressed")
+                paths.append(path)
+                rows = []
+    return paths
+
+
+def read_shards(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
+    """Read shards written by :func:`write_shards` (a directory or files) into numpy arrays."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    if isinstance(paths, (str, Path)) and Path(paths).is_dir():
+        files = sorted(p for p in Path(paths).iterdir() if p.suffix in (".parquet", ".arrow"))
+    else:
+        files = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not files:
+        raise FileNotFoundError(f"no .parquet or .arrow shards in {paths!s}")
+    tables = [pq.read_table(f) if f.suffix == ".parquet" else feather.read_table(f) for f in files]
+    table = pa.concat_tables(tables)
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        out[name] = col.to_numpy_ndarray() if isinstance(col.type, pa.FixedShapeTensorType) else col.to_numpy()
+    return out
+
+
+def line_charge_sample(
+    grid: Grid | str | tuple[int, int, int] = "90x17x17",
+    *,
+    radius: float = 110.0,
+    sector: int = 9,
+    relative_amplitude: float = 1.0,
+    width: float | None = None,
+    density_config: DensityConfig | None = None,
+    n_fourier: int = 20,
+    solver: Any = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The line-charge case of the seed (Fig. 5) in the dataset's sample format.
+
+    A density fluctuation constant along all z, centred at ``radius`` (cm) and at the centre of
+    ``sector`` (phi = (sector + 0.5) x 20 deg), with a Gaussian transverse profile of ``width`` cm
+    (default half the larger grid spacing, ``max(dr, r dphi) / 2``) and peak
+    ``relative_amplitude`` x the local nominal average density (IBF at mid z), added on top of the
+    nominal average. The distortion and correction fluctuations are exact (solver + Langevin,
+    ``D(average + line) - D(average)``). ``idc1d`` is constant, raised by the line's share of the
+    total charge.
+    """
+    g = parse_grid(grid)
+    if not g.r_min < radius < g.r_max:
+        raise ValueError(f"radius must be inside the drift volume ({g.r_min}, {g.r_max}) cm, got {radius!r}")
+    if isinstance(sector, bool) or not isinstance(sector, (int, np.integer)) or not 0 <= sector < N_SECTORS:
+        raise ValueError(f"sector must be an integer in [0, {N_SECTORS - 1}], got {sector!r}")
+    if not isinstance(relative_amplitude, (int, float)) or not math.isfinite(relative_amplitude):
+        raise ValueError(f"relative_amplitude must be a finite number, got {relative_amplitude!r}")
+    w = 0.5 * max(g.dr, radius * g.dphi) if width is None else float(width)
+    if not w > 0:
+        raise ValueError(f"width must be > 0 cm, got {width!r}")
+    dc = DensityConfig() if density_config is None else density_config
+    config = DatasetConfig(grid=g, n_random=1, bias=0.0, split="eval", density=dc, n_fourier=n_fourier)
+    gen = DatasetGenerator(config, solver=solver, device=device)
+    nominal = gen.nominal
+    phi0 = (sector + 0.5) * 2.0 * math.pi / N_SECTORS
+    dphi = np.angle(np.exp(1j * (g.phi - phi0)))  # wrapped to (-pi, pi]
+    profile = np.exp(-((g.r[None, :] - radius) ** 2 + (radius * dphi[:, None]) ** 2) / (2 * w * w))  # (nphi, nr)
+    local = float(np.interp(radius, g.r, nominal.mean(axis=0)[:, g.nz // 2]))
+    line = relative_amplitude * local * profile[:, :, None] * np.ones(g.nz)  # (nphi, nr, nz)
+    dist, corr = gen._distortions(np.stack([nominal, nominal + line]))
+    n_t = dc.n_time_bins
+    share = float(np.sum(line * gen._volume) / np.sum(nominal * gen._volume))
+    random = {"density": nominal + line, "idc1d": np.full(n_t, 1.0 + share), "bias_factor": 1.0}
+    return gen._assemble(
+        index=-1, random_index=-1, average_index=N_AVERAGE_MAPS // 2, average=nominal, random=random,
+        dist_fluct=dist[1] - dist[0], corr_fluct=corr[1] - corr[0], idc_average=np.ones(n_t),
+        scaling=np.zeros(3),
+    )  # fmt: skip

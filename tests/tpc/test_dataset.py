@@ -1,0 +1,247 @@
+"""Training-set generator: determinism, disjoint splits, shapes and units, shards, line charge, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamcal.detectors.tpc.constants import Grid
+from streamcal.detectors.tpc.dataset import (
+    N_AVERAGE_MAPS,
+    SCALAR_FIELDS,
+    TENSOR_FIELDS,
+    DatasetConfig,
+    DatasetGenerator,
+    TPCFluctuationDataset,
+    _shard_indices,
+    average_scalings,
+    line_charge_sample,
+    read_shards,
+    write_shards,
+)
+
+GRID = Grid(36, 9, 9)
+
+
+@pytest.fixture(scope="module")
+def train() -> DatasetGenerator:
+    return DatasetGenerator(DatasetConfig(grid=GRID, n_random=4, seed=1, split="train"))
+
+
+@pytest.fixture(scope="module")
+def evaluation() -> DatasetGenerator:
+    return DatasetGenerator(DatasetConfig(grid=GRID, n_random=4, seed=1, split="eval"))
+
+
+def test_shapes_dtypes_and_units(train: DatasetGenerator) -> None:
+    s = train.sample(30)  # random map 1, average 3
+    nphi, nr, nz = GRID.shape
+    n_t = 200
+    shapes = {
+        "density_average": (nphi, nr, nz),
+        "density_fluctuation": (nphi, nr, nz),
+        "distortion_fluctuation": (3, nphi, nr, nz),
+        "correction_fluctuation": (3, nphi, nr, nz),
+        "idc1d": (n_t,),
+        "idc1d_average": (n_t,),
+        "idc_fourier": (40,),
+    }
+    assert set(s) == set(TENSOR_FIELDS) | set(SCALAR_FIELDS)
+    for name, shape in shapes.items():
+        assert s[name].shape == shape and s[name].dtype == np.float32, name
+        assert np.all(np.isfinite(s[name])), name
+    assert (int(s["random_index"]), int(s["average_index"])) == (1, 3)
+    # units: rho/eps0 in V/cm^2 (~0.7 at the IFC at 50 kHz), distortions in cm (fluctuations ~ mm)
+    assert 0.4 < s["density_average"][:, 0].mean() < 1.0
+    assert 0.0 < np.abs(s["distortion_fluctuation"]).max() < 5.0
+    # fluctuation = random - average: the random map is the same for every average
+    a, b = train.sample(27), train.sample(53)
+    np.testing.assert_allclose(
+        a["density_average"] + a["density_fluctuation"], b["density_average"] + b["density_fluctuation"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(a["idc1d"], b["idc1d"])
+
+
+def test_average_maps(train: DatasetGenerator) -> None:
+    scalings = average_scalings(0.1)
+    assert scalings.shape == (N_AVERAGE_MAPS, 3) and len({tuple(x) for x in scalings}) == 27
+    np.testing.assert_array_equal(scalings[13], 0.0)
+    nominal = train.sample(13)
+    np.testing.assert_allclose(nominal["density_average"], train.nominal.astype(np.float32))
+    np.testing.assert_allclose(nominal["idc1d_average"], 1.0)
+    up = train.sample(22)  # c = +0.1, l = p = 0
+    np.testing.assert_allclose(up["density_average"], 1.1 * nominal["density_average"], rtol=1e-6)
+    # global fluctuation: the random map is within a few % of the nominal average
+    assert abs(float(nominal["relative_fluctuation"])) < 0.1
+
+
+def test_determinism_by_seed(train: DatasetGenerator) -> None:
+    again = DatasetGenerator(DatasetConfig(grid=GRID, n_random=4, seed=1, split="train"))
+    for i in (0, 40, 107):
+        x, y = train.sample(i), again.sample(i)
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name])
+    other = DatasetGenerator(DatasetConfig(grid=GRID, n_random=4, seed=2, split="train"))
+    assert not np.array_equal(other.random_map(0, with_distortions=False)["density"], train.random_map(0)["density"])
+
+
+def test_splits_never_share_a_random_map(train: DatasetGenerator, evaluation: DatasetGenerator) -> None:
+    train_maps = [train.random_map(k, with_distortions=False)["density"] for k in range(4)]
+    eval_maps = [evaluation.random_map(k, with_distortions=False)["density"] for k in range(4)]
+    for t in train_maps:
+        for e in eval_maps:
+            assert not np.allclose(t, e, rtol=1e-3)
+            # not even a rescaled copy (the training bias multiplies a map by a factor)
+            assert abs(np.corrcoef(t.ravel() - train.nominal.ravel(), e.ravel() - train.nominal.ravel())[0, 1]) < 0.5
+    keys = {tuple(g.random_seed_sequence(k).spawn_key) for g in (train, evaluation) for k in range(1000)}
+    assert len(keys) == 2000  # disjoint seed streams for the full default index space
+    # eval is unbiased, train biased
+    assert all(evaluation.random_map(k, with_distortions=False)["bias_factor"] == 1.0 for k in range(4))
+    factors = [train.random_map(k, with_distortions=False)["bias_factor"] for k in range(4)]
+    assert all(0.95 <= f <= 1.05 for f in factors) and len(set(factors)) == 4
+
+
+def test_worker_sharding_covers_every_sample_once() -> None:
+    for n_workers in (1, 2, 3):
+        parts = [_shard_indices(5, 120, w, n_workers) for w in range(n_workers)]
+        flat = sorted(i for p in parts for i in p)
+        assert flat == list(range(5, 120))
+        for p in parts:  # whole random maps per worker
+            assert len({i // N_AVERAGE_MAPS % n_workers for i in p}) <= 1
+
+
+def test_iterable_dataset_yields_tensors() -> None:
+    ds = TPCFluctuationDataset(DatasetConfig(grid=GRID, n_random=2, seed=3), start=25, stop=29)
+    items = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0))
+    assert len(ds) == 4 and len(items) == 2
+    assert items[0]["density_fluctuation"].shape == (2, *GRID.shape)
+    assert items[0]["distortion_fluctuation"].dtype == torch.float32
+    assert items[1]["sample_index"].tolist() == [27, 28]
+    with pytest.raises(ValueError, match=r"start, stop must satisfy 0 <= start <= stop <= 54"):
+        TPCFluctuationDataset(DatasetConfig(grid=GRID, n_random=2), start=0, stop=55)
+
+
+@pytest.mark.parametrize("file_format", ["parquet", "arrow"])
+def test_shards_round_trip(tmp_path: Path, file_format: str) -> None:
+    config = DatasetConfig(grid=GRID, n_random=2, seed=4, split="eval")
+    paths = write_shards(config, tmp_path, n_samples=7, start=24, shard_size=3, file_format=file_format, progress=False)
+    assert [p.name for p in paths] == [f"eval-0000{i}.{file_format}" for i in range(3)]
+    data = read_shards(tmp_path)
+    assert data["density_fluctuation"].shape == (7, *GRID.shape)
+    assert data["distortion_fluctuation"].shape == (7, 3, *GRID.shape)
+    assert data["sample_index"].tolist() == list(range(24, 31))
+    reference = DatasetGenerator(config).sample(26)
+    np.testing.assert_array_equal(data["correction_fluctuation"][2], reference["correction_fluctuation"])
+    meta = json.loads((tmp_path / "eval-dataset.json").read_text())
+    assert meta["grid"] == "36x9x9" and meta["bias"] == 0.0 and meta["units"]["distortion_fluctuation"].startswith("cm")
+
+
+def test_line_charge_case() -> None:
+    g = Grid(90, 17, 17)
+    s = line_charge_sample(g)
+    assert set(s) == set(TENSOR_FIELDS) | set(SCALAR_FIELDS)
+    fluct = s["density_fluctuation"]
+    k, j, _ = np.unravel_index(np.argmax(fluct), fluct.shape)
+    assert 9 * 20 <= np.degrees(g.phi[k]) <= 10 * 20  # sector 9
+    assert abs(g.r[j] - 110.0) < g.dr
+    np.testing.assert_allclose(fluct[k, j, :], fluct[k, j, 0], rtol=1e-6)  # constant along z
+    dr = s["distortion_fluctuation"][0, :, :, 0]  # z ~ 0 (longest drift), as in seed Fig. 5
+    assert 0.05 < np.abs(dr).max() < 5.0  # cm
+    k_max = int(np.argmax(np.abs(dr).max(axis=1)))
+    assert abs(int(k_max) - int(k)) <= 3  # the distortion fluctuation is local to the line
+    with pytest.raises(ValueError, match=r"sector must be an integer in \[0, 17\]"):
+        line_charge_sample(g, sector=18)
+    with pytest.raises(ValueError, match="radius must be inside the drift volume"):
+        line_charge_sample(g, radius=50.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"grid": "90x17"}, "invalid DatasetConfig.grid"),
+        ({"n_random": 0}, "n_random must be an integer >= 1"),
+        ({"split": "test"}, r"split must be one of \['eval', 'train'\]"),
+        ({"bias": 1.5}, r"bias must be a number in \[0, 1\)"),
+        ({"seed": -3}, "seed must be an integer >= 0"),
+        ({"n_fourier": 500}, r"n_fourier must be an integer in \[1, 101\]"),
+        ({"scale_step": 0.9}, r"scale_step must be a number in \[0, 0.8\)"),
+    ],
+)
+def test_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DatasetConfig(**kwargs)
+
+
+def test_index_errors(train: DatasetGenerator) -> None:
+    with pytest.raises(IndexError, match=r"sample index must be in \[0, 108\)"):
+        train.sample(108)
+    with pytest.raises(IndexError, match=r"random map index must be in \[0, 4\)"):
+        train.random_map(-1)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    from streamcal.detectors.tpc.cli import add_subparser
+
+    parser = argparse.ArgumentParser(prog="streamcal")
+    add_subparser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "maps.npz"
+    args = _parser().parse_args(["tpc", "simulate", "--grid", "36x9x9", "--maps", "2", "--seed", "3", "--out", str(out)])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pile_up"] == pytest.approx(1e4) and summary["maps"] == 2
+    with np.load(out) as f:
+        assert f["density"].shape == (2, 36, 9, 9) and f["idc1d"].shape == (2, 200)
+    arrow = tmp_path / "maps.arrow"
+    args = _parser().parse_args(["tpc", "simulate", "--grid", "36x9x9", "--maps", "1", "--out", str(arrow)])
+    assert args.func(args) == 0 and arrow.exists()
+    args = _parser().parse_args(["tpc", "simulate", "--grid", "8x4x4", "--out", str(tmp_path / "x.txt")])
+    assert args.func(args) == 2
+    assert "--out must end in .npz, .arrow or .parquet" in capsys.readouterr().err
+
+
+def test_cli_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["tpc", "dataset", "--out", str(tmp_path), "--grid", "36x9x9", "--samples", "4", "--random-maps", "1",
+            "--seed", "5", "--split", "eval", "--shard-size", "3", "--no-progress"]  # fmt: skip
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"] == ["eval-00000.parquet", "eval-00001.parquet"] and report["samples_per_s"] > 0
+    assert read_shards(tmp_path)["sample_index"].tolist() == [0, 1, 2, 3]
+    args = _parser().parse_args(argv[:-1] + ["--samples", "28", "--no-progress"])
+    assert args.func(args) == 2
+    assert "--samples must be <= random-maps x 27 = 27" in capsys.readouterr().err
+
+
+def test_cli_solver_check(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parser().parse_args(["tpc", "solver-check", "--grids", "90x17x17", "--repeats", "1"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["grids"][0]["grid"] == "90x17x17"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tpc", "simulate", "--grid", "90x17"], "invalid --grid"),
+        (["tpc", "simulate", "--rate", "-5"], "--rate must be a finite number >= 0"),
+        (["tpc", "simulate", "--epsilon", "0"], "--epsilon must be a finite number > 0"),
+        (["tpc", "dataset", "--out", "x", "--split", "test"], "invalid choice: 'test'"),
+        (["tpc", "dataset", "--out", "x", "--shard-size", "0"], "--shard-size must be an integer >= 1"),
+        (["tpc", "dataset", "--out", "x", "--seed", "-1"], "--seed must be an integer >= 0"),
+    ],
+)
+def test_cli_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
