@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from streamcal.errors import GraphError, StreamcalError
 
@@ -55,7 +55,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamcal.runtime import run_graph
 
     spec = _load_graph(args.graph)
-    result = run_graph(spec, address=args.address, metrics_json=args.metrics_json, progress=not args.no_progress)
+
+    def started(actors: dict) -> None:
+        print(f"running {spec.name}: {len(actors)} replicas started (Ctrl-C stops the sources and drains)", flush=True)
+
+    result = run_graph(spec, address=args.address, metrics_json=args.metrics_json, progress=not args.no_progress,
+                       on_started=started)
     if args.metrics_json:
         print(f"metrics written to {args.metrics_json}")
     return 0 if result.status == "completed" else 1
@@ -75,6 +80,18 @@ def _published_endpoints(spec, stream: str) -> list[str]:
     return [_publish_endpoint(s.publish, r) for r in range(replicas)]
 
 
+def _stream_endpoints(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(stream, endpoints) from ``[GRAPH] STREAM`` and ``--endpoint``."""
+    if len(args.target) > 2:
+        raise StreamcalError(f"expected [GRAPH] STREAM, got {len(args.target)} arguments: {' '.join(args.target)}")
+    if len(args.target) == 1:
+        if not args.endpoint:
+            raise StreamcalError(f"give the graph file before '{args.target[0]}', or --endpoint to subscribe to")
+        return args.target[0], list(args.endpoint)
+    graph, stream = args.target
+    return stream, list(args.endpoint or _published_endpoints(_load_graph(graph), stream))
+
+
 def cmd_tap(args: argparse.Namespace) -> int:
     import zmq
 
@@ -84,16 +101,17 @@ def cmd_tap(args: argparse.Namespace) -> int:
     from streamcal.transport import recv_frames, subscriber
 
     stage_kinds()
-    endpoints = args.endpoint or _published_endpoints(_load_graph(args.graph), args.stream)
+    stream, endpoints = _stream_endpoints(args)
     zctx = zmq.Context()
     socks = [subscriber(zctx, ep) for ep in endpoints]
     poller = zmq.Poller()
     for s in socks:
         poller.register(s, zmq.POLLIN)
     n, last_seq, skipped, rejected = 0, {}, 0, 0
+    ended: set[str] = set()
     deadline = time.monotonic() + args.timeout if args.timeout else None
     try:
-        while args.count is None or n < args.count:
+        while (args.count is None or n < args.count) and len(ended) < len(endpoints):
             if deadline and time.monotonic() > deadline:
                 break
             for sock, _ in poller.poll(200):
@@ -103,12 +121,16 @@ def cmd_tap(args: argparse.Namespace) -> int:
                     rejected += 1
                     print(f"rejected: {exc}", file=sys.stderr)
                     continue
+                if header.stream != stream:
+                    continue
                 key = header.producer
                 if key in last_seq and header.seq > last_seq[key] + 1:
                     skipped += header.seq - last_seq[key] - 1
                 last_seq[key] = header.seq
                 if header.kind != "data":
                     print(f"{header.stream} {header.producer} {header.kind} seq={header.seq}")
+                    if header.kind == "eos":
+                        ended.add(header.producer)
                     continue
                 n += 1
                 if args.json:
@@ -143,7 +165,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     from streamcal.transport import recv_frames, subscriber
 
     stage_kinds()
-    endpoints = args.endpoint or _published_endpoints(_load_graph(args.graph), args.stream)
+    stream, endpoints = _stream_endpoints(args)
     zctx = zmq.Context()
     socks = [subscriber(zctx, ep, hwm=100_000) for ep in endpoints]
     poller = zmq.Poller()
@@ -151,7 +173,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         poller.register(s, zmq.POLLIN)
     rec = None
     last_seq: dict[str, int] = {}
-    skipped = 0
+    skipped = rejected = 0
     eos = set()
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
@@ -162,7 +184,14 @@ def cmd_record(args: argparse.Namespace) -> int:
                 break
             for sock, _ in poller.poll(200):
                 frames = recv_frames(sock)
-                header, batch = wire.decode(frames)
+                try:
+                    header, batch = wire.decode(frames)
+                except StreamcalError as exc:
+                    rejected += 1
+                    print(f"rejected: {exc}", file=sys.stderr)
+                    continue
+                if header.stream != stream:
+                    continue
                 if header.producer in last_seq and header.seq > last_seq[header.producer] + 1:
                     skipped += header.seq - last_seq[header.producer] - 1
                 last_seq[header.producer] = header.seq
@@ -182,13 +211,15 @@ def cmd_record(args: argparse.Namespace) -> int:
         for s in socks:
             s.close(0)
         zctx.term()
-    print(f"recorded {rec.messages if rec else 0} messages to {args.out}; {skipped} missed (sequence gaps)")
+    print(f"recorded {rec.messages if rec else 0} messages of '{stream}' to {args.out}; "
+          f"{skipped} missed (sequence gaps), {rejected} rejected")
     return 0 if rec is not None else 1
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     import zmq
 
+    from streamcal import wire
     from streamcal.record import replay_frames
 
     zctx = zmq.Context()
@@ -197,10 +228,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     sock.bind(args.publish)
     time.sleep(args.wait)  # let subscribers connect (PUB drops what no one receives)
     n = 0
+    last: dict[str, Any] = {}
     try:
-        for _, frames in replay_frames(args.file, args.speed):
+        for header, frames in replay_frames(args.file, args.speed):
             sock.send_multipart(frames)
+            last[header.producer] = header
             n += 1
+        # the recording is over: end every recorded producer's stream, as the live graph would
+        for h in last.values():
+            eos = wire.Header(stream=h.stream, seq=h.seq + 1, producer=h.producer, kind="eos",
+                              t0_ns=h.t1_ns, t1_ns=h.t1_ns, sent_ns=wire.now_ns())
+            sock.send_multipart(wire.encode(eos, None))
     except KeyboardInterrupt:
         pass
     finally:
@@ -265,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("tap", help="print a live published stream")
-    s.add_argument("graph")
-    s.add_argument("stream")
+    s.add_argument("target", nargs="+", metavar="[GRAPH] STREAM",
+                   help="the graph file and the published stream (the graph may be left out with --endpoint)")
     s.add_argument("--endpoint", action="append", help="subscribe here instead of the graph's publish endpoint")
     s.add_argument("--count", type=int)
     s.add_argument("--timeout", type=float, help="stop after this many seconds")
@@ -274,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tap)
 
     s = sub.add_parser("record", help="write a published stream to an Arrow IPC file (headers kept)")
-    s.add_argument("graph")
-    s.add_argument("stream")
+    s.add_argument("target", nargs="+", metavar="[GRAPH] STREAM",
+                   help="the graph file and the published stream (the graph may be left out with --endpoint)")
     s.add_argument("--out", required=True)
     s.add_argument("--endpoint", action="append")
     s.add_argument("--count", type=int)

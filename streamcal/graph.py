@@ -6,6 +6,7 @@ field, and what is allowed. See ``configs/demo.yaml`` for a complete example.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -190,6 +191,14 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
             )
         except (TypeError, ValueError) as exc:
             problems.append(f"settings: {exc}")
+        if settings.interface != "node":
+            try:
+                ipaddress.ip_address(settings.interface)
+            except ValueError:
+                problems.append(
+                    f"settings: field 'interface': '{settings.interface}' is not an IP address "
+                    "(use 127.0.0.1 for one machine, 'node' for the node's own IP on a multi-machine cluster)"
+                )
 
     streams: dict[str, StreamSpec] = {}
     straw = raw.get("streams") or {}
@@ -442,6 +451,7 @@ def validate_graph(spec: GraphSpec, cluster: ClusterResources | None = None) -> 
     for sname in spec.streams:
         if sname not in spec.stream_names():
             problems.append(f"stream '{sname}': declared under 'streams' but no stage writes or reads it")
+    problems.extend(_cycles(spec))
     pubs: dict[str, str] = {}
     for sname, s in spec.streams.items():
         if s.publish:
@@ -453,6 +463,42 @@ def validate_graph(spec: GraphSpec, cluster: ClusterResources | None = None) -> 
     if problems or res_problems:
         raise (GraphError if problems else ResourceError)(problems + res_problems, spec.source)
     return plan
+
+
+def _cycles(spec: GraphSpec) -> list[str]:
+    """A stage that (through other stages) reads its own output would never see end-of-stream:
+    such loops are refused, naming the stages and streams on the loop."""
+    succ: dict[str, list[tuple[str, str]]] = {st.name: [] for st in spec.stages}
+    for stream in spec.stream_names():
+        for w, _ in spec.writers(stream):
+            for r, _ in spec.readers(stream):
+                succ.setdefault(w.name, []).append((stream, r.name))
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    found: list[str] = []
+    nodes: list[str] = []
+    via: list[str] = []  # via[i]: the stream from nodes[i] to nodes[i + 1]
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        nodes.append(node)
+        for stream, nxt in succ.get(node, []):
+            if state.get(nxt) == 1:
+                i = nodes.index(nxt)
+                loop = nodes[i:] + [nxt]
+                streams = via[i:] + [stream]
+                text = loop[0] + "".join(f" -[{s}]-> {n}" for s, n in zip(streams, loop[1:]))
+                found.append(f"stage '{nxt}': streams form a loop {text} (end-of-stream could never propagate)")
+            elif nxt not in state:
+                via.append(stream)
+                visit(nxt)
+                via.pop()
+        nodes.pop()
+        state[node] = 2
+
+    for st in spec.stages:
+        if st.name not in state:
+            visit(st.name)
+    return found
 
 
 def _check_resources(spec: GraphSpec, cluster: ClusterResources) -> list[str]:

@@ -274,5 +274,14 @@ def summary_table(merged: dict[str, Any]) -> str:
             str(r["lost"]),
         )
     buf = StringIO()
-    Console(file=buf, width=140, force_terminal=False).print(t)
+    console = Console(file=buf, width=140, force_terminal=False)
+    console.print(t)
+    if merged.get("edges"):
+        e = Table(title="edges (messages in flight, sampled by the driver)")
+        for col in ("stream", "reader", "queue max", "queue mean"):
+            e.add_column(col, justify="left" if col in ("stream", "reader") else "right")
+        for row in merged["edges"]:
+            e.add_row(row["stream"] + (" (latest-only)" if row.get("latest_only") else ""), row["reader"],
+                      str(row["queue_depth_max"]), f"{row['queue_depth_mean']:.1f}")
+        console.print(e)
     return buf.getvalue()

@@ -143,7 +143,7 @@ class _ActorImpl:
             hwm = min([spec.queue(stream, i) for _, i in spec.readers(stream)] or [sspec.queue])
             prev_port = int(prev[stream].rsplit(":", 1)[1]) if stream in prev else 0
             self.outputs[port] = OutputEdge(
-                self.zctx, stream, groups, hwm=hwm, interface=spec.settings.interface, port=prev_port,
+                self.zctx, stream, groups, hwm=hwm, interface=_interface(spec.settings.interface), port=prev_port,
                 publish=_publish_endpoint(sspec.publish, replica) if sspec.publish else None,
                 stall_timeout_s=spec.settings.stall_timeout_s, counters=self.stage.metrics.outputs[port],
                 should_abort=lambda: self._abort, label=f"{self.key}:{port}->{stream}",
@@ -208,12 +208,17 @@ class _ActorImpl:
             "node_id": ray.get_runtime_context().get_node_id(),
             "rss_mb": _rss_mb(),
             "stalled_s": round(sum(c.stalled_s for c in m.outputs.values()), 3),
+            # for queue depths: data messages sent per output stream, received per input port
+            "sent": {c.stream: c.messages for c in m.outputs.values()},
+            "received": {p: c.messages + c.gaps + sum(c.rejects.values()) for p, c in m.inputs.items()},
         }
 
     def report(self) -> dict[str, Any]:
         rep = self.stage.report()
         rep["restarts"] = self.incarnation
         rep["replica"] = self.key
+        rep["node_id"] = ray.get_runtime_context().get_node_id()
+        rep["endpoints"] = self.endpoints()
         return rep
 
     def shutdown(self) -> None:
@@ -310,6 +315,12 @@ class _ActorImpl:
                         e.poll_control()
 
 
+def _interface(setting: str) -> str:
+    """The address data-plane sockets bind to: ``node`` means this node's IP as Ray knows it
+    (what a multi-machine cluster needs); anything else is taken as an address."""
+    return ray.util.get_node_ip_address() if setting == "node" else setting
+
+
 def _rss_mb() -> float:
     """Resident memory of this process in MB (Linux; 0 where /proc is absent)."""
     try:
@@ -370,6 +381,7 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "status": self.status, "elapsed_s": round(self.elapsed_s, 3),
                 "problems": self.problems, "lost": self.merged["lost"], "stages": self.merged["stages"],
+                "edges": self.merged.get("edges", []),
                 "replicas": self.reports}
 
 
@@ -442,9 +454,12 @@ def run_graph(
         ray.get([actors[f"{st.name}/{r}"].start.remote() for st in order for r in range(st.replicas)])
         if on_started is not None:
             on_started(actors)
-        status, problems = _watch(spec, actors, progress)
+        depth = _QueueDepth(spec)
+        status, problems = _watch(spec, actors, progress, depth)
         reports = _collect_reports(actors)
-        result = RunResult(run_id, reports, merge_reports(reports), time.monotonic() - t_start, status, problems)
+        merged = merge_reports(reports)
+        merged["edges"] = depth.rows()
+        result = RunResult(run_id, reports, merged, time.monotonic() - t_start, status, problems)
     finally:
         for a in actors.values():
             try:
@@ -477,7 +492,47 @@ def _collect_reports(actors: dict[str, Any]) -> list[dict[str, Any]]:
     return reports
 
 
-def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool) -> tuple[str, list[str]]:
+class _QueueDepth:
+    """Messages in flight on each edge (sent by the writers, not yet received by the reader
+    stage), sampled at every status poll of the driver; also exported as a Ray metric."""
+
+    def __init__(self, spec: GraphSpec) -> None:
+        self.edges = [
+            (stream, r.name, i.port, [f"{w.name}/{k}" for w, _ in spec.writers(stream) for k in range(w.replicas)],
+             [f"{r.name}/{k}" for k in range(r.replicas)], bool(i.latest_only or spec.streams.get(stream, StreamSpec(stream)).latest_only))
+            for stream in spec.stream_names() for r, i in spec.readers(stream)
+        ]
+        self.max = {(e[0], e[1]): 0 for e in self.edges}
+        self.total = {(e[0], e[1]): 0 for e in self.edges}
+        self.samples = 0
+        self.gauge = None
+        try:
+            from ray.util.metrics import Gauge
+
+            self.gauge = Gauge("streamcal_queue_depth", description="messages in flight on an edge",
+                               tag_keys=("stream", "reader"))
+        except Exception:  # noqa: BLE001 - metrics are optional
+            pass
+
+    def sample(self, statuses: dict[str, dict]) -> None:
+        self.samples += 1
+        for stream, reader, port, writers, readers, _ in self.edges:
+            sent = sum(statuses.get(w, {}).get("sent", {}).get(stream, 0) for w in writers)
+            got = sum(statuses.get(r, {}).get("received", {}).get(port, 0) for r in readers)
+            d = max(0, sent - got)
+            self.max[(stream, reader)] = max(self.max[(stream, reader)], d)
+            self.total[(stream, reader)] += d
+            if self.gauge is not None:
+                self.gauge.set(d, {"stream": stream, "reader": reader})
+
+    def rows(self) -> list[dict[str, Any]]:
+        n = max(self.samples, 1)
+        return [{"stream": s, "reader": r, "latest_only": lo, "queue_depth_max": self.max[(s, r)],
+                 "queue_depth_mean": round(self.total[(s, r)] / n, 2)} for s, r, _, _, _, lo in self.edges]
+
+
+def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool,
+           depth: "_QueueDepth | None" = None) -> tuple[str, list[str]]:
     """Poll replicas until all are done; handle Ctrl-C; name stuck edges."""
     stall = max(spec.settings.stall_timeout_s, 1.0)
     last_total, last_change = -1, time.monotonic()
@@ -500,6 +555,8 @@ def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool) -> tuple[str
                     else:
                         statuses.setdefault(k, {"key": k, "state": "restarting", "done": False, "in": 0,
                                                 "out": 0, "waiting": {}})["state"] = "restarting"
+                if depth is not None:
+                    depth.sample(statuses)
                 if statuses and all(s["done"] for s in statuses.values()) and len(statuses) == len(actors):
                     bar.close(statuses)
                     return "completed", []

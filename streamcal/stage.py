@@ -46,6 +46,11 @@ __all__ = [
 
 log = logging.getLogger("streamcal.stage")
 
+# event times within this window before the receive time (and this much clock skew after it) are
+# taken as wall-clock times, for the event-to-receive latency
+_EVENT_CLOCK_WINDOW_NS = 24 * 3600 * 10**9
+_EVENT_CLOCK_SKEW_NS = 60 * 10**9
+
 SendFn = Callable[[str, Header, "pa.RecordBatch | None"], int]
 
 
@@ -317,7 +322,9 @@ class Stage:
         if header.kind == "data":
             c.messages += 1
             c.latency.add(recv_ns - header.sent_ns)
-            if header.t1_ns > 0:
+            if recv_ns - _EVENT_CLOCK_WINDOW_NS < header.t1_ns <= recv_ns + _EVENT_CLOCK_SKEW_NS:
+                # event time on the wall clock (live data): how long after the event it arrived.
+                # Simulated streams with event time from 0 have no such latency.
                 c.event_latency.add(recv_ns - header.t1_ns)
             self._max_t1 = max(self._max_t1, header.t1_ns)
             if not process:

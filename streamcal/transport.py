@@ -56,7 +56,11 @@ class ReaderGroup:
 
 
 def bind_socket(sock: zmq.Socket, interface: str, port: int = 0) -> str:
-    """Bind ``sock`` on ``tcp://interface:port`` (a free port when 0); return the endpoint."""
+    """Bind ``sock`` on ``tcp://interface:port`` (a free port when 0); return the endpoint.
+    IPv6 addresses are bracketed as ZeroMQ expects."""
+    if ":" in interface:
+        sock.setsockopt(zmq.IPV6, 1)
+        interface = f"[{interface}]"
     if port:
         sock.bind(f"tcp://{interface}:{port}")
         return f"tcp://{interface}:{port}"
@@ -280,6 +284,8 @@ class InputEdge:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RECONNECT_IVL, 100)
             s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if ep.startswith("tcp://["):
+                s.setsockopt(zmq.IPV6, 1)
             s.connect(ep)
             s.send(HELLO, zmq.NOBLOCK)
             self.socks.append(s)

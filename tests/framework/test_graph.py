@@ -144,3 +144,20 @@ def test_every_shipped_graph_validates(path):
     gpus = sum(s.resources.num_gpus * s.replicas for s in spec.stages)
     cluster = ClusterResources(({"CPU": 64.0, "GPU": max(gpus, 0.0)},), "big node")
     validate_graph(spec, cluster)
+
+
+def test_a_loop_of_streams_is_refused():
+    msg = problems("""
+    stages:
+      - {name: w, kind: running_stats, inputs: {in: a}, outputs: {out: b}}
+      - {name: x, kind: running_stats, inputs: {in: b}, outputs: {out: c}}
+      - {name: y, kind: running_stats, inputs: {in: c}, outputs: {out: a}}
+    """)
+    assert "stage 'w': streams form a loop w -[b]-> x -[c]-> y -[a]-> w" in msg
+
+
+def test_interface_must_be_an_address_or_node():
+    msg = problems(GOOD + "settings: {interface: eth0}\n")
+    assert "settings: field 'interface': 'eth0' is not an IP address" in msg
+    validate_graph(parse_graph(GOOD + "settings: {interface: node}\n"), CPU_ONLY)
+    validate_graph(parse_graph(GOOD + "settings: {interface: '::1'}\n"), CPU_ONLY)

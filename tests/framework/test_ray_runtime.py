@@ -163,3 +163,27 @@ def test_slow_consumer_bounds_producer_memory_and_drops_nothing(ray_session):
     # and it never ran far ahead of the consumer (the queue bound holds)
     ahead = [out for _, _, out in samples]
     assert ahead[len(ahead) // 2] < n * 0.75
+
+
+def test_a_stuck_edge_is_named_after_the_stall_timeout(ray_session):
+    """A reader that stops taking messages: after ``stall_timeout_s`` without progress the run
+    ends as 'stuck' and names the edge, instead of hanging."""
+    spec = parse_graph(textwrap.dedent("""
+    settings: {stall_timeout_s: 2}
+    stages:
+      - name: source
+        kind: synthetic
+        config: {messages: 100, rows: 4, seed: 4}
+        outputs: {out: samples}
+      - name: frozen
+        kind: collect
+        config: {delay_ms: 6000}
+        inputs: {in: samples}
+    streams:
+      samples: {queue: 1}
+    """))
+    t = time.monotonic()
+    res = run_graph(spec, print_summary=False, progress=False)
+    assert res.status == "stuck"
+    assert any("stuck edge: source/0 -> frozen/0 (port 'in', stream 'samples')" in p for p in res.problems), res.problems
+    assert time.monotonic() - t < 30
