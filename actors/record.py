@@ -18,10 +18,13 @@ __all__ = ["RecordConfig", "Record"]
 @dataclass(frozen=True)
 class RecordConfig(Config):
     path: str = "recording.arrow"  # for replicas > 1, ``{replica}`` in the path is replaced
+    every: int = 1  # keep one message in N (an archive of a fast stream); 1 keeps all
 
     def validate(self) -> None:
         if not self.path:
             self.fail("path", "must name a file")
+        if self.every < 1:
+            self.fail("every", f"must be >= 1, got {self.every}")
 
 
 @register_stage
@@ -35,8 +38,12 @@ class Record(Sink):
 
     def setup(self) -> None:
         self.recorder: Recorder | None = None
+        self.seen = 0
 
     def process(self, port: str, batch: pa.RecordBatch, header: Header) -> None:
+        self.seen += 1
+        if (self.seen - 1) % self.config.every:
+            return
         if self.recorder is None:
             self.recorder = Recorder(self.config.path.format(replica=self.ctx.replica), batch.schema)
         header.extra.pop("lseq", None)  # link bookkeeping is not part of the stream
@@ -48,4 +55,5 @@ class Record(Sink):
 
     def summary(self) -> dict:
         return {"path": self.config.path.format(replica=self.ctx.replica),
-                "messages": self.recorder.messages if self.recorder else 0}
+                "messages": self.recorder.messages if self.recorder else 0, "skipped": self.seen - (
+                    self.recorder.messages if self.recorder else 0)}

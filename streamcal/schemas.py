@@ -174,6 +174,8 @@ def tensor_column(array: np.ndarray) -> pa.FixedShapeTensorArray:
     a = np.ascontiguousarray(array)
     if a.ndim < 2:
         raise StreamcalError(f"tensor_column needs an array of shape (rows, *shape), got shape {a.shape}")
+    # numpy leaves arbitrary strides on length-1 axes of a contiguous array; Arrow wants C strides
+    a = a.reshape(-1).reshape(a.shape)
     return pa.FixedShapeTensorArray.from_numpy_ndarray(a)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import pkgutil
 import time
 from collections import defaultdict
@@ -49,6 +50,8 @@ log = logging.getLogger("streamcal.stage")
 # event times within this window before the receive time (and this much clock skew after it) are
 # taken as wall-clock times, for the event-to-receive latency
 _EVENT_CLOCK_WINDOW_NS = 24 * 3600 * 10**9
+_RESERVED_HEADER_KEYS = {"v", "stream", "seq", "producer", "kind", "t0_ns", "t1_ns", "sent_ns", "schema", "fp",
+                         "lseq", "src", "origins", "inc"}
 _EVENT_CLOCK_SKEW_NS = 60 * 10**9
 
 SendFn = Callable[[str, Header, "pa.RecordBatch | None"], int]
@@ -204,8 +207,11 @@ class Stage:
         return {}
 
     # ------------------------------------------------------------------ emission
-    def emit(self, port: str, batch: pa.RecordBatch, t0_ns: int, t1_ns: int) -> None:
-        """Send ``batch`` on output ``port`` with the event-time window [t0_ns, t1_ns]."""
+    def emit(self, port: str, batch: pa.RecordBatch, t0_ns: int, t1_ns: int,
+             extra: dict[str, Any] | None = None) -> None:
+        """Send ``batch`` on output ``port`` with the event-time window [t0_ns, t1_ns].
+        ``extra``: additional header keys (msgpack scalars; names must not clash with the
+        format's keys), e.g. ``trigger_sent_ns`` for end-to-end latency."""
         info = self._out_info.get(port)
         if info is None:
             raise StreamcalError(
@@ -229,6 +235,11 @@ class Stage:
             schema=info.name,
             fp=info.fingerprint,
         )
+        if extra:
+            clash = set(extra) & _RESERVED_HEADER_KEYS
+            if clash:
+                raise StreamcalError(f"stage '{self.ctx.stage}': header keys {sorted(clash)} are reserved by the wire format")
+            h.extra.update(extra)
         if self.ctx.incarnation:
             h.extra["inc"] = self.ctx.incarnation
         src = self._take_lineage(port, seq)
@@ -336,8 +347,13 @@ class Stage:
             except Exception as exc:  # a stage bug or data it cannot handle: counted, logged, not fatal
                 self.errors += 1
                 c.rejects["process"] += 1
-                self.log.exception("stage '%s' failed to process a batch from %s seq %d: %s",
-                                   self.ctx.stage, slot, header.seq, exc)
+                # the first errors with their traceback, then one line per power of ten
+                if self.errors <= 3:
+                    self.log.exception("stage '%s' failed to process a batch from %s seq %d: %s",
+                                       self.ctx.stage, slot, header.seq, exc)
+                elif math.log10(self.errors).is_integer():
+                    self.log.error("stage '%s': %d batches failed so far; latest from %s seq %d: %s",
+                                   self.ctx.stage, self.errors, slot, header.seq, exc)
             self.metrics.process_ns += time.perf_counter_ns() - t_start
             self._advance(port, slot, header.t1_ns)
         elif header.kind == "watermark":

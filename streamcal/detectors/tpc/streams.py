@@ -1,0 +1,73 @@
+"""Stream schemas of the live TPC correction graph, one per grid (tensor shapes are part of a
+schema), and the numerical pieces the stages share.
+
+* ``tpc.idc/{nphi}x{nr}``: one IDC interval (1 ms): ``interval`` (index since the start of the
+  run), ``idc1d`` (relative 1D IDC), ``idc2d`` (relative 2D IDC map on the grid's (phi, r)
+  cells, float32 [nphi, nr]).
+* ``tpc.correction/{nphi}x{nr}x{nz}``: the correction of one time frame (10 ms): ``frame``,
+  ``correction`` (float32 [3, nphi, nr, nz], cm: dr, drphi, dz, the correction *fluctuation*
+  to add to the average correction), ``slices`` (IDC intervals of the frame that arrived),
+  ``missing`` (intervals missing in the whole window the correction used), ``degraded`` (true
+  when any interval of the frame or of its window was missing: computed from what arrived, the
+  gaps filled with the last value), ``method``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from streamcal.detectors.tpc.constants import Grid, parse_grid
+from streamcal.schemas import SchemaInfo, register_schema, tensor_type
+
+__all__ = ["idc_schema", "correction_schema", "average_correction", "linear_scaler"]
+
+
+def idc_schema(grid: Grid | str) -> SchemaInfo:
+    g = parse_grid(grid)
+    return register_schema(
+        f"tpc.idc/{g.nphi}x{g.nr}",
+        pa.schema([
+            pa.field("interval", pa.int64(), nullable=False),
+            pa.field("idc1d", pa.float64(), nullable=False),
+            pa.field("idc2d", tensor_type(pa.float32(), (g.nphi, g.nr)), nullable=False),
+        ]),
+        doc="One 1 ms IDC interval: relative 1D IDC and 2D map on the grid's (phi, r) cells.",
+        finite=("idc1d", "idc2d"),
+    )
+
+
+def correction_schema(grid: Grid | str) -> SchemaInfo:
+    g = parse_grid(grid)
+    return register_schema(
+        f"tpc.correction/{g}",
+        pa.schema([
+            pa.field("frame", pa.int64(), nullable=False),
+            pa.field("correction", tensor_type(pa.float32(), (3, g.nphi, g.nr, g.nz)), nullable=False),
+            pa.field("slices", pa.int32(), nullable=False),
+            pa.field("missing", pa.int32(), nullable=False),
+            pa.field("degraded", pa.bool_(), nullable=False),
+            pa.field("method", pa.utf8(), nullable=False),
+        ]),
+        doc="Space-charge correction fluctuation (dr, drphi, dz in cm) of one 10 ms time frame.",
+        finite=("correction",),
+    )
+
+
+def average_correction(grid: Grid | str, density_config=None) -> np.ndarray:
+    """Correction (3, nphi, nr, nz) in cm of the nominal average density (the numerical solution)."""
+    import torch
+
+    from streamcal.detectors.tpc.density import average_density
+    from streamcal.detectors.tpc.langevin import space_charge_distortions
+
+    g = parse_grid(grid)
+    rho = torch.as_tensor(average_density(g, density_config), dtype=torch.float64)
+    return space_charge_distortions(rho, g, corrections=True).correction.numpy()
+
+
+def linear_scaler(avg_correction: np.ndarray, idc1d_history: np.ndarray, idc1d_average: float | np.ndarray = 1.0) -> np.ndarray:
+    """The production baseline: the average correction scaled by the relative change of the 1D
+    IDC over the last ion drift time, ``avg * (<IDC> / <IDC_avg> - 1)`` (the fluctuation part)."""
+    ratio = float(np.mean(idc1d_history)) / float(np.mean(idc1d_average))
+    return avg_correction * (ratio - 1.0)

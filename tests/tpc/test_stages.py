@@ -1,0 +1,127 @@
+"""The live TPC stages: IDC source, 1D correction per time frame; gaps, out-of-order and bad
+slices; the linear-scaler correction against its closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from streamcal.detectors.tpc.streams import average_correction, idc_schema, linear_scaler
+from streamcal.schemas import tensor_column, tensor_to_numpy
+from streamcal.testing import run_graph_local, run_stage
+
+GRID = "18x9x9"
+MS = 1_000_000
+
+
+def idc_batch(k: int, value: float, nphi: int = 18, nr: int = 9) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array([k], pa.int64()), pa.array([value], pa.float64()),
+         tensor_column(np.full((1, nphi, nr), value, np.float32))],
+        schema=idc_schema(GRID).schema,
+    )
+
+
+def slices(values: dict[int, float]) -> list:
+    return [(idc_batch(k, v), k * MS, (k + 1) * MS) for k, v in values.items()]
+
+
+def test_one_correction_per_frame_equal_to_the_linear_scaler():
+    rng = np.random.default_rng(0)
+    vals = {k: float(1 + 0.05 * rng.normal()) for k in range(250)}
+    stage, out = run_stage("tpc_sc1d", {"grid": GRID}, {"idc": slices(vals)})
+    frames = out["out"]
+    assert len(frames) == 25
+    h, b = frames[-1]
+    assert (h.t0_ns, h.t1_ns) == (240 * MS, 250 * MS)
+    assert b.column("frame")[0].as_py() == 24 and not b.column("degraded")[0].as_py()
+    assert b.column("slices")[0].as_py() == 10 and b.column("missing")[0].as_py() == 0
+    window = np.array([vals[k] for k in range(50, 250)])
+    avg = average_correction(GRID)
+    want = avg * (window.mean() - 1.0)  # closed form of the baseline
+    got = tensor_to_numpy(b.column("correction"))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(linear_scaler(avg, window), want)
+    assert "trigger_sent_ns" in h.extra
+
+
+def test_gaps_mark_frames_degraded_and_out_of_order_is_rejected():
+    vals = {k: 1.0 for k in range(60) if k not in (13, 29)}  # 13: mid-frame; 29: last of frame 2
+    items = slices(vals)
+    items.insert(20, (idc_batch(5, 1.0), 5 * MS, 6 * MS))  # a late duplicate of interval 5
+    stage, out = run_stage("tpc_sc1d", {"grid": GRID}, {"idc": items})
+    rows = {b.column("frame")[0].as_py(): b for _, b in out["out"]}
+    assert sorted(rows) == list(range(6))  # frame 2 published although its last interval never came
+    assert not rows[0].column("degraded")[0].as_py()
+    assert rows[1].column("degraded")[0].as_py() and rows[1].column("slices")[0].as_py() == 9
+    assert rows[2].column("degraded")[0].as_py() and rows[2].column("slices")[0].as_py() == 9
+    # later frames still see the two gaps in their 200-interval window
+    assert rows[5].column("missing")[0].as_py() == 2 and rows[5].column("degraded")[0].as_py()
+    s = stage.summary()
+    assert s["out_of_order"] == 1 and s["missing_intervals"] == 2 and s["frames"] == 6
+    assert stage.metrics.inputs["idc"].rejects["out_of_order"] == 1
+
+
+def test_nan_and_wrong_shape_slices_are_rejected_at_the_edge():
+    from streamcal import wire
+    from streamcal.stage import InputWiring, StageContext, get_stage_class
+
+    cls = get_stage_class("tpc_sc1d")
+    cfg = cls.Config.from_dict({"grid": GRID})
+    ctx = StageContext(stage="sc1d", kind="tpc_sc1d", inputs={"idc": InputWiring("idc", ("p/0",))},
+                       outputs={"out": "c"})
+    sent = []
+    ctx.send = lambda port, h, b: sent.append((h, b)) or 0
+    st = cls(cfg, ctx)
+    st.setup()
+    info = idc_schema(GRID)
+
+    def frames(k, batch):
+        h = wire.Header(stream="idc", seq=k, producer="p/0", t0_ns=k * MS, t1_ns=(k + 1) * MS,
+                        schema=info.name, fp=info.fingerprint, extra={"lseq": k})
+        return wire.encode(h, batch)
+
+    st.receive("idc", frames(0, idc_batch(0, float("nan"))))
+    wrong = pa.RecordBatch.from_arrays(
+        [pa.array([1], pa.int64()), pa.array([1.0]), tensor_column(np.ones((1, 9, 18), np.float32))],
+        names=["interval", "idc1d", "idc2d"])
+    st.receive("idc", frames(1, wrong))
+    for k in range(2, 10):
+        st.receive("idc", frames(k, idc_batch(k, 1.0)))
+    rej = dict(st.metrics.inputs["idc"].rejects)
+    assert rej.get("nan") == 1 and sum(rej.values()) == 2, rej
+    assert len(sent) == 1 and sent[0][1].column("degraded")[0].as_py()  # frame 0 lacks 2 slices
+
+
+def test_idc_source_statistics_and_withheld_slices():
+    stage, out = run_stage("tpc_idc", {"grid": GRID, "intervals": 400, "speed": 0, "clock": "zero",
+                                       "seed": 3, "skip_every": 100})
+    msgs = out["out"]
+    assert len(msgs) == 396 and stage.summary()["withheld"] == 4
+    v = np.array([b.column("idc1d")[0].as_py() for _, b in msgs])
+    # relative 1D IDC: mean 1 (Poisson pile-up of ~50 collisions per ms fluctuates ~20 %)
+    assert abs(v.mean() - 1) < 0.05 and 0.1 < v.std() < 0.4
+    assert msgs[0][0].t0_ns == 0 and msgs[-1][0].t1_ns == 399 * MS  # interval 399 was withheld
+    m = tensor_to_numpy(msgs[0][1].column("idc2d"))[0]
+    assert m.shape == (18, 9) and np.isfinite(m).all()
+
+
+def test_bad_configs_name_the_field():
+    from streamcal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint"):
+        run_stage("tpc_sc1d", {"grid": GRID, "method": "model"}, {})
+    with pytest.raises(ConfigError, match="grid"):
+        run_stage("tpc_idc", {"grid": "91x2x17"})
+
+
+def test_tpc_graph_in_process():
+    res = run_graph_local(f"""
+    stages:
+      - {{name: idc, kind: tpc_idc, config: {{grid: {GRID}, intervals: 300, speed: 0, clock: zero, seed: 2}}, outputs: {{out: idc}}}}
+      - {{name: sc1d, kind: tpc_sc1d, config: {{grid: {GRID}}}, inputs: {{idc: idc}}, outputs: {{out: corr}}}}
+      - {{name: sink, kind: collect, inputs: {{in: corr}}}}
+    """)
+    assert res.stage("sink").summary()["messages"] == 30
+    assert res.stage("sc1d").summary()["degraded"] == 0
