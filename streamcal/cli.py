@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from streamcal.errors import GraphError, StreamcalError
 
@@ -92,127 +92,114 @@ def _stream_endpoints(args: argparse.Namespace) -> tuple[str, list[str]]:
     return stream, list(args.endpoint or _published_endpoints(_load_graph(graph), stream))
 
 
-def cmd_tap(args: argparse.Namespace) -> int:
-    import zmq
+class _Subscription:
+    """SUB sockets on a published stream's endpoints: decoded messages of ``stream`` in arrival
+    order, counting what was rejected and what the latest-only publisher skipped (sequence gaps)."""
 
-    from streamcal import wire
-    from streamcal.schemas import tensor_to_numpy
-    from streamcal.stage import stage_kinds
-    from streamcal.transport import recv_frames, subscriber
+    def __init__(self, stream: str, endpoints: list[str], hwm: int) -> None:
+        import zmq
 
-    stage_kinds()
-    stream, endpoints = _stream_endpoints(args)
-    zctx = zmq.Context()
-    socks = [subscriber(zctx, ep) for ep in endpoints]
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    n, last_seq, skipped, rejected = 0, {}, 0, 0
-    ended: set[str] = set()
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    try:
-        while (args.count is None or n < args.count) and len(ended) < len(endpoints):
-            if deadline and time.monotonic() > deadline:
-                break
-            for sock, _ in poller.poll(200):
-                try:
-                    header, batch = wire.decode(recv_frames(sock))
-                except StreamcalError as exc:
-                    rejected += 1
-                    print(f"rejected: {exc}", file=sys.stderr)
-                    continue
-                if header.stream != stream:
-                    continue
-                key = header.producer
-                if key in last_seq and header.seq > last_seq[key] + 1:
-                    skipped += header.seq - last_seq[key] - 1
-                last_seq[key] = header.seq
-                if header.kind != "data":
-                    print(f"{header.stream} {header.producer} {header.kind} seq={header.seq}")
-                    if header.kind == "eos":
-                        ended.add(header.producer)
-                    continue
-                n += 1
-                if args.json:
-                    print(json.dumps({**header.to_dict(), "rows": batch.num_rows, "columns": batch.schema.names}))
-                else:
-                    shapes = {
-                        f.name: list(tensor_to_numpy(batch.column(f.name)).shape)
-                        for f in batch.schema
-                        if hasattr(f.type, "shape")
-                    }
-                    print(
-                        f"{header.stream} {header.producer} seq={header.seq} t=[{header.t0_ns / 1e9:.6f}, "
-                        f"{header.t1_ns / 1e9:.6f}] s rows={batch.num_rows} cols={batch.schema.names}"
-                        + (f" tensors={shapes}" if shapes else "")
-                    )
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for s in socks:
-            s.close(0)
-        zctx.term()
-    print(f"tap: {n} messages, {skipped} skipped (latest-only), {rejected} rejected", file=sys.stderr)
-    return 0
+        from streamcal.stage import stage_kinds
+        from streamcal.transport import subscriber
 
+        self.stream, self.endpoints = stream, endpoints
+        self.zctx = zmq.Context()
+        # connect first (a PUB sends only to subscribers already there), then load the stage kinds
+        # to register their schemas, which may take seconds (torch)
+        self.socks = [subscriber(self.zctx, ep, hwm=hwm) for ep in endpoints]
+        stage_kinds()
+        self.poller = zmq.Poller()
+        for sock in self.socks:
+            self.poller.register(sock, zmq.POLLIN)
+        self.last_seq: dict[str, int] = {}
+        self.skipped = self.rejected = 0
+        self.ended: set[str] = set()
 
-def cmd_record(args: argparse.Namespace) -> int:
-    import zmq
+    def messages(self, deadline: float | None) -> Iterator[tuple[list, Any, Any]]:
+        """(frames, header, batch) until every endpoint's producer ended its stream or ``deadline``."""
+        from streamcal import wire
+        from streamcal.transport import recv_frames
 
-    from streamcal import wire
-    from streamcal.record import Recorder
-    from streamcal.stage import stage_kinds
-    from streamcal.transport import recv_frames, subscriber
-
-    stage_kinds()
-    stream, endpoints = _stream_endpoints(args)
-    zctx = zmq.Context()
-    socks = [subscriber(zctx, ep, hwm=100_000) for ep in endpoints]
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    rec = None
-    last_seq: dict[str, int] = {}
-    skipped = rejected = 0
-    eos = set()
-    deadline = time.monotonic() + args.duration if args.duration else None
-    try:
-        while len(eos) < len(endpoints):
-            if deadline and time.monotonic() > deadline:
-                break
-            if args.count is not None and rec is not None and rec.messages >= args.count:
-                break
-            for sock, _ in poller.poll(200):
+        while len(self.ended) < len(self.endpoints) and not (deadline and time.monotonic() > deadline):
+            for sock, _ in self.poller.poll(200):
                 frames = recv_frames(sock)
                 try:
                     header, batch = wire.decode(frames)
                 except StreamcalError as exc:
-                    rejected += 1
+                    self.rejected += 1
                     print(f"rejected: {exc}", file=sys.stderr)
                     continue
-                if header.stream != stream:
+                if header.stream != self.stream:
                     continue
-                if header.producer in last_seq and header.seq > last_seq[header.producer] + 1:
-                    skipped += header.seq - last_seq[header.producer] - 1
-                last_seq[header.producer] = header.seq
+                last = self.last_seq.get(header.producer)
+                if last is not None and header.seq > last + 1:
+                    self.skipped += header.seq - last - 1
+                self.last_seq[header.producer] = header.seq
                 if header.kind == "eos":
-                    eos.add(header.producer)
-                    continue
-                if header.kind != "data":
-                    continue
-                if rec is None:
-                    rec = Recorder(args.out, batch.schema)
-                rec.write(bytes(frames[0]), batch)
+                    self.ended.add(header.producer)
+                yield frames, header, batch
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(0)
+        self.zctx.term()
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    from streamcal.schemas import tensor_to_numpy
+
+    stream, endpoints = _stream_endpoints(args)
+    sub = _Subscription(stream, endpoints, hwm=4)
+    n = 0
+    try:
+        for _, header, batch in sub.messages(time.monotonic() + args.timeout if args.timeout else None):
+            if header.kind != "data":
+                print(f"{header.stream} {header.producer} {header.kind} seq={header.seq}")
+                continue
+            n += 1
+            if args.json:
+                print(json.dumps({**header.to_dict(), "rows": batch.num_rows, "columns": batch.schema.names}))
+            else:
+                shapes = {f.name: list(tensor_to_numpy(batch.column(f.name)).shape)
+                          for f in batch.schema if hasattr(f.type, "shape")}
+                print(
+                    f"{header.stream} {header.producer} seq={header.seq} t=[{header.t0_ns / 1e9:.6f}, "
+                    f"{header.t1_ns / 1e9:.6f}] s rows={batch.num_rows} cols={batch.schema.names}"
+                    + (f" tensors={shapes}" if shapes else "")
+                )
+            if args.count is not None and n >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+    print(f"tap: {n} messages, {sub.skipped} skipped (latest-only), {sub.rejected} rejected", file=sys.stderr)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from streamcal.record import Recorder
+
+    stream, endpoints = _stream_endpoints(args)
+    sub = _Subscription(stream, endpoints, hwm=100_000)
+    rec = None
+    try:
+        for frames, header, batch in sub.messages(time.monotonic() + args.duration if args.duration else None):
+            if header.kind != "data":
+                continue
+            if rec is None:
+                rec = Recorder(args.out, batch.schema)
+            rec.write(bytes(frames[0]), batch)
+            if args.count is not None and rec.messages >= args.count:
+                break
     except KeyboardInterrupt:
         pass
     finally:
         if rec is not None:
             rec.close()
-        for s in socks:
-            s.close(0)
-        zctx.term()
+        sub.close()
     print(f"recorded {rec.messages if rec else 0} messages of '{stream}' to {args.out}; "
-          f"{skipped} missed (sequence gaps), {rejected} rejected")
+          f"{sub.skipped} missed (sequence gaps), {sub.rejected} rejected")
     return 0 if rec is not None else 1
 
 

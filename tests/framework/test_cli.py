@@ -109,7 +109,7 @@ def test_replay_record_and_tap_between_processes(tmp_path):
     second = tmp_path / "second.arrow"
     rec = cli("record", "samples", "--endpoint", ep, "--out", str(second), "--duration", "60")
     tap = cli("tap", "samples", "--endpoint", ep, "--json", "--timeout", "60")
-    rep = cli("replay", str(first), "--publish", ep, "--speed", "0", "--wait", "2")
+    rep = cli("replay", str(first), "--publish", ep, "--speed", "0", "--wait", "4")
     try:
         rep_out, rep_err = rep.communicate(timeout=60)
         rec_out, rec_err = rec.communicate(timeout=60)
