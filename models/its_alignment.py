@@ -1,0 +1,622 @@
+"""ITS2 track-based alignment model: per-sensor linear layer Phi and the chi^2 cost C(Theta).
+
+Implements the seed's formalism ("Formalism: Network Parameters to Alignment Parameters" and
+"Teaching the AI What 'Better Alignment' Means"):
+
+* Per sensor a single-layer perceptron (input 2, output 3, linear) with parameters
+  ``Phi = (w11, w21, w12, w22, w13, w23, b1, b2, b3)`` mapping the normalised local position
+  ``s~ = D l`` (``D = diag(1/h_u, 1/h_v)``, ``Delta = 0`` because the local origin is the chip
+  centre, ``PO = 1``: s~1 along u, s~2 along v) to global (seed, eq. 1)::
+
+      g = R_GEOM [(W0 + W) s~ + b] + T_GEOM,   W0 = diag(h_u, h_v) (the seed's d1, d2),
+      W = [[w11, w21], [w12, w22], [w13, w23]]   (row = output, column = input),
+
+  so ``Phi = 0`` is the ideal geometry. ``Phi.reshape(N, 9)[:, :6]`` is ``W`` row-major.
+* Theta = (alpha, beta, gamma, tau1, tau2, tau3) in ALICE's convention (see
+  ``streamcal.detectors.its.misalignment``): ``g = a_R (R_GEOM l + T_GEOM) + a_T`` (seed, eq. 2).
+  Equating both forms gives ``W = (R_GEOM^T a_R R_GEOM - 1)[:, :2] W0`` and
+  ``b = R_GEOM^T (a_T + (a_R - 1) T_GEOM)`` (:func:`theta_to_phi`), its inverse
+  (:func:`phi_to_theta`, Gram-Schmidt on the two columns, third column their cross product) and
+  the analytic Jacobian ``dPhi/dTheta`` (:func:`phi_theta_jacobian`).
+* The cost (seed, "C(Theta)")::
+
+      C = 1/N_event sum_i chi2_i / nu_i,   chi2_i = sum_tracks (chi2_track + chi2_vertex),
+
+  with, per track, a circle in the bending plane and a straight line ``z = z0 + tan(lambda) s``
+  in (arc length, z). The circle fit is Karimaki's (NIM A 305 (1991) 187) closed-form weighted
+  fit relative to the event vertex ``O``: residual ``e = kappa r^2 - (y cos phi - x sin phi) +
+  delta``, which equals the signed distance to the circle divided by ``(1 + rho d)`` (a relative
+  1e-4 effect for ITS tracks), minimised exactly (2 x 2 eigenproblem, no iteration). The vertex
+  term (seed, chi2_vertex) is the vertex itself entered as a measured point at ``O`` with
+  ``sigma_vertex``: its residual is the distance of the fitted trajectory's closest point to the
+  vertex (xy: ``delta``; z: ``z0``). Per hit ``sigma^2 = sigma_intrinsic^2 + sigma_MS^2`` (seed:
+  ``sigma^2 = sigma_IPR^2 + sum_q sigma_SPP,q^2``), the multiple-scattering part from Highland
+  over the inner layers, with the track momentum from a first fit pass. The degrees of freedom
+  per event are ``nu = sum_tracks (n_xy + n_z - 5)``.
+* Gradient: at the fitted track parameters dchi2/dparams = 0, so ``dchi2/dhit`` is the partial
+  derivative at fixed track parameters (envelope theorem): ``2 w e de/dg``. The fast path
+  (:class:`ITSAlignmentModel.forward`) uses this closed form in a custom autograd function and
+  accumulates ``dC/dPhi`` with one ``index_add_``; the weights and the vertex are treated as
+  constants, and the second-order coupling of the rz arc length to the circle parameters is
+  dropped. :meth:`ITSAlignmentModel.forward_autograd` is the straightforward differentiable
+  version (autograd through the same fits), used as baseline and to test the fast gradient.
+
+No training loop here: the optimisers are in ``streamcal.detectors.its.align``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from streamcal.detectors.its.geometry import ITSGeometry
+
+__all__ = [
+    "ITSAlignmentConfig",
+    "TrackBatch",
+    "Chi2Output",
+    "ITSAlignmentModel",
+    "euler_to_matrix",
+    "euler_derivatives",
+    "matrix_to_euler",
+    "theta_to_phi",
+    "phi_to_theta",
+    "phi_theta_jacobian",
+    "highland_theta0",
+]
+
+PION_MASS = 0.13957
+
+
+@dataclass(frozen=True)
+class ITSAlignmentConfig:
+    """Frozen, validated configuration of the alignment cost.
+
+    Args:
+        sigma_u, sigma_v: intrinsic resolution (mm) along u and v.
+        b_field: solenoid field (T), for the momentum that enters multiple scattering.
+        vertex: ``"given"`` (the batch carries each event's vertex, e.g. from reconstruction),
+            ``"fit"`` (estimated per event from its tracks plus the beam spot, then held fixed)
+            or ``"none"`` (no vertex term; tracks are fitted relative to the beam spot).
+        sigma_vertex_xy, sigma_vertex_z: vertex uncertainty (mm) in the vertex term.
+        beam_spot: nominal beam position (mm) and ``sigma_beam_xy`` its transverse size, used by
+            ``vertex="fit"`` and ``"none"``.
+        multiple_scattering: include sigma_MS in the hit weights.
+        mass: particle mass hypothesis (GeV/c^2).
+        precision: dtype of the per-hit arithmetic.
+    """
+
+    sigma_u: float = 0.005
+    sigma_v: float = 0.005
+    b_field: float = 0.5
+    vertex: Literal["given", "fit", "none"] = "given"
+    sigma_vertex_xy: float = 0.015
+    sigma_vertex_z: float = 0.02
+    beam_spot: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sigma_beam_xy: float = 0.015
+    multiple_scattering: bool = True
+    mass: float = PION_MASS
+    precision: Literal["float64", "float32"] = "float64"
+
+    def __post_init__(self) -> None:
+        for name in ("sigma_u", "sigma_v", "b_field", "sigma_vertex_xy", "sigma_vertex_z", "sigma_beam_xy"):
+            val = getattr(self, name)
+            if not (val > 0 and math.isfinite(val)):
+                raise ValueError(f"ITSAlignmentConfig.{name} must be a positive finite float, got {val}")
+        if self.vertex not in ("given", "fit", "none"):
+            raise ValueError(f"ITSAlignmentConfig.vertex must be 'given', 'fit' or 'none', got {self.vertex!r}")
+        if self.precision not in ("float64", "float32"):
+            raise ValueError(
+                f"ITSAlignmentConfig.precision must be 'float64' or 'float32', got {self.precision!r}"
+            )
+        if len(self.beam_spot) != 3:
+            raise ValueError("ITSAlignmentConfig.beam_spot must have 3 entries (x, y, z)")
+        if self.mass < 0:
+            raise ValueError(f"ITSAlignmentConfig.mass must be >= 0, got {self.mass}")
+
+
+@dataclass
+class TrackBatch:
+    """Tracks padded to a fixed hit count (built by ``align.pack_tracks``).
+
+    Attributes:
+        sensor: (T, K) int64 sensor id (0 on padding).
+        local: (T, K, 2) measured local (u, v) in mm (0 on padding).
+        mask: (T, K) bool, True for real hits.
+        event: (T,) int64 event index in ``0 .. n_events - 1``.
+        n_events: number of events.
+        vertex: (n_events, 3) event vertex (mm) for ``vertex="given"``, else None.
+    """
+
+    sensor: Tensor
+    local: Tensor
+    mask: Tensor
+    event: Tensor
+    n_events: int
+    vertex: Tensor | None = None
+
+    @property
+    def n_tracks(self) -> int:
+        return int(self.sensor.shape[0])
+
+
+@dataclass
+class Chi2Output:
+    """Result of a cost evaluation.
+
+    Attributes:
+        cost: scalar C (differentiable w.r.t. the model's Phi).
+        chi2: (T,) chi2 per track (track + vertex terms), detached.
+        ndf: (T,) degrees of freedom per track.
+        event_chi2, event_ndf: (n_events,) per event sums.
+    """
+
+    cost: Tensor
+    chi2: Tensor
+    ndf: Tensor
+    event_chi2: Tensor
+    event_ndf: Tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# Phi <-> Theta
+
+
+def euler_to_matrix(angles: Tensor) -> Tensor:
+    """ALICE ``R_x(alpha) R_y(beta) R_z(gamma)``: (..., 3) -> (..., 3, 3)."""
+    a, b, g = angles.unbind(-1)
+    sa, ca, sb, cb, sg, cg = a.sin(), a.cos(), b.sin(), b.cos(), g.sin(), g.cos()
+    r0 = torch.stack([cb * cg, -cb * sg, sb], -1)
+    r1 = torch.stack([sa * sb * cg + ca * sg, -sa * sb * sg + ca * cg, -cb * sa], -1)
+    r2 = torch.stack([-ca * sb * cg + sa * sg, ca * sb * sg + sa * cg, cb * ca], -1)
+    return torch.stack([r0, r1, r2], -2)
+
+
+def euler_derivatives(angles: Tensor) -> Tensor:
+    """d a_R / d(alpha, beta, gamma): (..., 3) -> (..., 3 [angle], 3, 3)."""
+    a, b, g = angles.unbind(-1)
+    z, o = torch.zeros_like(a), torch.ones_like(a)
+
+    def mat(rows: list[list[Tensor]]) -> Tensor:
+        return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+    sa, ca, sb, cb, sg, cg = a.sin(), a.cos(), b.sin(), b.cos(), g.sin(), g.cos()
+    rx, ry, rz = mat([[o, z, z], [z, ca, -sa], [z, sa, ca]]), mat([[cb, z, sb], [z, o, z], [-sb, z, cb]]), mat(
+        [[cg, -sg, z], [sg, cg, z], [z, z, o]]
+    )
+    drx = mat([[z, z, z], [z, -sa, -ca], [z, ca, -sa]])
+    dry = mat([[-sb, z, cb], [z, z, z], [-cb, z, -sb]])
+    drz = mat([[-sg, -cg, z], [cg, -sg, z], [z, z, z]])
+    return torch.stack([drx @ ry @ rz, rx @ dry @ rz, rx @ ry @ drz], -3)
+
+
+def matrix_to_euler(rot: Tensor) -> Tensor:
+    """Inverse of :func:`euler_to_matrix` for |beta| < pi/2: (..., 3, 3) -> (..., 3)."""
+    beta = torch.asin(rot[..., 0, 2].clamp(-1.0, 1.0))
+    gamma = torch.atan2(-rot[..., 0, 1], rot[..., 0, 0])
+    alpha = torch.atan2(-rot[..., 1, 2], rot[..., 2, 2])
+    return torch.stack([alpha, beta, gamma], -1)
+
+
+def theta_to_phi(theta: Tensor, rot_geom: Tensor, trans_geom: Tensor, half: Tensor) -> Tensor:
+    """Theta (N, 6) -> Phi (N, 9) (see module docstring); ``half = (h_u, h_v)``."""
+    eye = torch.eye(3, dtype=theta.dtype, device=theta.device)
+    a_r = euler_to_matrix(theta[:, :3]) - eye  # (N, 3, 3): a_R - 1
+    q = rot_geom.transpose(1, 2) @ a_r @ rot_geom  # (N, 3, 3): R_G^T (a_R - 1) R_G
+    w = q[:, :, :2] * half  # (N, 3, 2)
+    b = (rot_geom.transpose(1, 2) @ (theta[:, 3:] + (a_r @ trans_geom[:, :, None])[..., 0])[..., None])[..., 0]
+    return torch.cat([w.reshape(-1, 6), b], 1)  # (N, 9)
+
+
+def phi_to_theta(phi: Tensor, rot_geom: Tensor, trans_geom: Tensor, half: Tensor) -> Tensor:
+    """Phi (N, 9) -> Theta (N, 6). The two columns of ``1 + W / W0`` are orthonormalised
+    (Gram-Schmidt) so the result is a rotation even for an inconsistent Phi."""
+    w = phi[:, :6].reshape(-1, 3, 2)  # (N, 3 outputs, 2 inputs)
+    eye = torch.eye(3, dtype=phi.dtype, device=phi.device)
+    q1 = eye[:, 0] + w[:, :, 0] / half[0]
+    q2 = eye[:, 1] + w[:, :, 1] / half[1]
+    q1 = q1 / q1.norm(dim=1, keepdim=True)
+    q2 = q2 - (q1 * q2).sum(1, keepdim=True) * q1
+    q2 = q2 / q2.norm(dim=1, keepdim=True)
+    q = torch.stack([q1, q2, torch.cross(q1, q2, dim=1)], 2)  # (N, 3, 3) columns
+    a_r = rot_geom @ q @ rot_geom.transpose(1, 2)
+    a_t = (rot_geom @ phi[:, 6:, None])[..., 0] - ((a_r - eye) @ trans_geom[:, :, None])[..., 0]
+    return torch.cat([matrix_to_euler(a_r), a_t], 1)
+
+
+def phi_theta_jacobian(theta: Tensor, rot_geom: Tensor, trans_geom: Tensor, half: Tensor) -> Tensor:
+    """Analytic dPhi/dTheta: (N, 9, 6)."""
+    n = theta.shape[0]
+    d_ar = euler_derivatives(theta[:, :3])  # (N, 3, 3, 3)
+    rg = rot_geom[:, None]
+    dq = rg.transpose(-1, -2) @ d_ar @ rg  # (N, 3 angles, 3, 3)
+    dw = (dq[..., :2] * half).reshape(n, 3, 6)  # (N, 3 angles, 6)
+    db = (rg.transpose(-1, -2) @ (d_ar @ trans_geom[:, None, :, None]))[..., 0]  # (N, 3 angles, 3)
+    jac = theta.new_zeros(n, 9, 6)
+    jac[:, :6, :3] = dw.transpose(1, 2)
+    jac[:, 6:, :3] = db.transpose(1, 2)
+    jac[:, 6:, 3:] = rot_geom.transpose(1, 2)
+    return jac
+
+
+def highland_theta0(p: Tensor, x_x0: Tensor, mass: float = PION_MASS) -> Tensor:
+    """Highland angle (rad) for momentum ``p`` (GeV/c) and thickness ``x_x0`` (X0), unit charge."""
+    beta2 = p * p / (p * p + mass * mass)
+    safe = x_x0.clamp_min(1e-12)
+    th = 0.0136 / (beta2.sqrt() * p) * safe.sqrt() * (1.0 + 0.038 * torch.log(safe / beta2))
+    return torch.where(x_x0 > 0, th, torch.zeros_like(th))
+
+
+# ------------------------------------------------------------------------------------------------
+# Track fits (closed form, vectorised over (T, K) padded hits)
+
+
+def _circle_fit(x: Tensor, y: Tensor, w: Tensor, wv: Tensor) -> dict[str, Tensor]:
+    """Karimaki weighted circle fit relative to the reference point (0, 0), which is also a
+    measured point with weight ``wv`` (the vertex term; 0 for none). x, y, w: (T, K)."""
+    r2 = x * x + y * y
+    s_w = w.sum(1) + wv  # (T,)
+    mx = (w * x).sum(1) / s_w
+    my = (w * y).sum(1) / s_w
+    mr = (w * r2).sum(1) / s_w
+    xc, yc, rc = x - mx[:, None], y - my[:, None], r2 - mr[:, None]
+    wx, wy, wr = w * xc, w * yc, w * rc
+    cxx = ((wx * xc).sum(1) + wv * mx * mx) / s_w
+    cxy = ((wx * yc).sum(1) + wv * mx * my) / s_w
+    cyy = ((wy * yc).sum(1) + wv * my * my) / s_w
+    cxr = ((wx * rc).sum(1) + wv * mx * mr) / s_w
+    cyr = ((wy * rc).sum(1) + wv * my * mr) / s_w
+    crr = (((wr * rc).sum(1) + wv * mr * mr) / s_w).clamp_min(1e-30)
+    m11 = cyy - cyr * cyr / crr
+    m22 = cxx - cxr * cxr / crr
+    m12 = -cxy + cyr * cxr / crr
+    ang = 0.5 * torch.atan2(-2.0 * m12, m22 - m11)
+    c, s = ang.cos(), ang.sin()
+    sign = torch.where(c * mx + s * my < 0, -1.0, 1.0).to(x.dtype)  # direction: towards the hits
+    c, s = c * sign, s * sign
+    kappa = (c * cyr - s * cxr) / crr
+    delta = (my * c - mx * s) - kappa * mr
+    e = kappa[:, None] * r2 - (y * c[:, None] - x * s[:, None]) + delta[:, None]
+    return {"kappa": kappa, "cos": c, "sin": s, "delta": delta, "e": e}
+
+
+def _arc_length(x: Tensor, y: Tensor, fit: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Transverse arc length from the point of closest approach ``delta (-sin, cos)`` to each
+    hit; returns (s, ds/dx, ds/dy)."""
+    c, s, d, k = fit["cos"][:, None], fit["sin"][:, None], fit["delta"][:, None], fit["kappa"][:, None]
+    qx, qy = x + d * s, y - d * c
+    chord = torch.sqrt(qx * qx + qy * qy).clamp_min(1e-12)
+    a = (k.abs() * chord).clamp(max=1.0 - 1e-12)  # rho * chord / 2 with rho = 2 kappa
+    small = a < 1e-3
+    a_safe = torch.where(small, torch.full_like(a, 0.5), a)
+    ratio = torch.where(small, 1.0 + a * a / 6.0, torch.asin(a_safe) / a_safe)
+    arc = chord * ratio
+    dsdc = torch.rsqrt(1.0 - a * a)
+    return arc, dsdc * qx / chord, dsdc * qy / chord
+
+
+def _line_fit(sarc: Tensor, z: Tensor, w: Tensor, wv: Tensor) -> dict[str, Tensor]:
+    """Weighted straight line ``z = z0 + t s`` with the vertex as a point at (0, 0), weight wv."""
+    s_w = w.sum(1) + wv
+    ms = (w * sarc).sum(1) / s_w
+    mz = (w * z).sum(1) / s_w
+    sc, zc = sarc - ms[:, None], z - mz[:, None]
+    ws = w * sc
+    css = ((ws * sc).sum(1) + wv * ms * ms) / s_w
+    csz = ((ws * zc).sum(1) + wv * ms * mz) / s_w
+    tanl = csz / css.clamp_min(1e-30)
+    z0 = mz - tanl * ms
+    rz = z - z0[:, None] - tanl[:, None] * sarc
+    return {"z0": z0, "tanl": tanl, "rz": rz}
+
+
+class _FastChi2(torch.autograd.Function):
+    """C(Phi) whose value and gradient dC/dPhi were computed without a graph (closed-form
+    envelope-theorem gradient, see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, phi: Tensor, cost: Tensor, grad_phi: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(grad_phi)
+        return cost.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (grad_phi,) = ctx.saved_tensors
+        return grad_phi * grad_out, None, None
+
+
+class ITSAlignmentModel(nn.Module):
+    """Per-sensor linear layers Phi (N, 9) and the chi^2 cost of a :class:`TrackBatch`.
+
+    Buffers: ``rot_geom`` (N, 3, 3), ``trans_geom`` (N, 3), ``half`` (2,), ``sensor_layer`` (N,),
+    ``layer_radius`` (L,), ``layer_x0`` (L,). Parameter: ``phi`` (N, 9), zero = ideal geometry.
+    """
+
+    def __init__(
+        self,
+        config: ITSAlignmentConfig,
+        rot_geom: Tensor,
+        trans_geom: Tensor,
+        half: tuple[float, float],
+        sensor_layer: Tensor,
+        layer_radius: Tensor,
+        layer_x0: Tensor,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        dt = torch.float64
+        n = rot_geom.shape[0]
+        if rot_geom.shape != (n, 3, 3) or trans_geom.shape != (n, 3) or sensor_layer.shape != (n,):
+            raise ValueError("ITSAlignmentModel: rot_geom (N,3,3), trans_geom (N,3), sensor_layer (N,) expected")
+        self.register_buffer("rot_geom", rot_geom.to(dt))
+        self.register_buffer("trans_geom", trans_geom.to(dt))
+        self.register_buffer("half_size", torch.tensor(half, dtype=dt))
+        self.register_buffer("sensor_layer", sensor_layer.to(torch.int64))
+        self.register_buffer("layer_radius", layer_radius.to(dt))
+        self.register_buffer("layer_x0", layer_x0.to(dt))
+        self.phi = nn.Parameter(torch.zeros(n, 9, dtype=dt))
+
+    @classmethod
+    def from_geometry(cls, geom: ITSGeometry, config: ITSAlignmentConfig | None = None) -> ITSAlignmentModel:
+        return cls(
+            ITSAlignmentConfig() if config is None else config,
+            torch.as_tensor(geom.rot),
+            torch.as_tensor(geom.trans),
+            (geom.half_u, geom.half_v),
+            torch.as_tensor(geom.layer.astype("int64")),
+            torch.as_tensor(geom.layer_radius),
+            torch.as_tensor(geom.layer_x0),
+        )
+
+    @property
+    def n_sensors(self) -> int:
+        return int(self.phi.shape[0])
+
+    # --- Phi <-> Theta --------------------------------------------------------------------------
+    def theta(self) -> Tensor:
+        """Current Theta (N, 6) from Phi."""
+        return phi_to_theta(self.phi.detach(), self.rot_geom, self.trans_geom, self.half_size)
+
+    @torch.no_grad()
+    def set_theta(self, theta: Tensor) -> None:
+        """Set Phi from Theta (N, 6)."""
+        self.phi.copy_(theta_to_phi(theta.to(self.phi), self.rot_geom, self.trans_geom, self.half_size))
+
+    def jacobian(self, theta: Tensor | None = None) -> Tensor:
+        """dPhi/dTheta (N, 9, 6) at ``theta`` (default: current)."""
+        theta = self.theta() if theta is None else theta
+        return phi_theta_jacobian(theta, self.rot_geom, self.trans_geom, self.half_size)
+
+    # --- geometry ---------------------------------------------------------------------------------
+    def placement_table(self, phi: Tensor) -> Tensor:
+        """Per-sensor affine map in global frame, flattened (N, 9): columns
+        ``R_G (W0 + W)[:, 0]``, ``R_G (W0 + W)[:, 1]``, ``R_G b + T_G``."""
+        n = phi.shape[0]
+        w0 = phi.new_zeros(3, 2)
+        w0[0, 0], w0[1, 1] = self.half_size[0], self.half_size[1]
+        w = phi[:, :6].reshape(n, 3, 2) + w0  # (N, 3, 2): W0 + W
+        a = self.rot_geom @ w  # (N, 3, 2)
+        c = (self.rot_geom @ phi[:, 6:, None])[..., 0] + self.trans_geom  # (N, 3)
+        return torch.cat([a[:, :, 0], a[:, :, 1], c], 1)  # (N, 9)
+
+    def global_positions(self, batch: TrackBatch, phi: Tensor | None = None, table: Tensor | None = None) -> Tensor:
+        """Global hit positions (T, K, 3) under ``phi`` (default: current) or a precomputed
+        :meth:`placement_table`."""
+        if table is None:
+            table = self.placement_table(self.phi if phi is None else phi)
+        s_t = batch.local.to(table.dtype) / self.half_size.to(table.dtype)  # (T, K, 2) normalised local
+        tab = table[batch.sensor]  # (T, K, 9)
+        return tab[..., 0:3] * s_t[..., :1] + tab[..., 3:6] * s_t[..., 1:] + tab[..., 6:9]
+
+    # --- cost --------------------------------------------------------------------------------------
+    def forward(self, batch: TrackBatch, chunk_tracks: int = 4096) -> Chi2Output:
+        """C(Theta) for ``batch`` with the fast closed-form gradient w.r.t. ``phi``.
+
+        Tracks are processed in chunks of ``chunk_tracks`` (sorted by hit count, each chunk
+        trimmed to its longest track; whole events per chunk for ``vertex="fit"``), which keeps
+        the per-hit arrays cache-resident and the padding small.
+        """
+        need = torch.is_grad_enabled() and self.phi.requires_grad
+        dt = torch.float64 if self.config.precision == "float64" else torch.float32
+        with torch.no_grad():
+            table = self.placement_table(self.phi.detach()).to(dt)
+            nh = batch.mask.sum(1)
+            ndf = self._ndf(nh)
+            ev_ndf = torch.zeros(batch.n_events, dtype=torch.float64).index_add_(0, batch.event, ndf)
+            scale_ev = self._event_scale(ev_ndf)
+            chi2 = torch.zeros(batch.n_tracks, dtype=torch.float64)
+            ev_chi2 = torch.zeros(batch.n_events, dtype=torch.float64)
+            grad_phi = torch.zeros_like(self.phi) if need else None
+            cost = torch.zeros((), dtype=torch.float64)
+            for idx in self._chunks(batch, nh, chunk_tracks):
+                k = max(int(nh[idx].max()), 1)
+                sub = TrackBatch(batch.sensor[idx, :k], batch.local[idx, :k], batch.mask[idx, :k],
+                                 batch.event[idx], batch.n_events, batch.vertex)
+                res = self._evaluate(sub, None, need_grad=need, scale_ev=scale_ev, table=table)
+                cost += res["cost"]
+                chi2[idx] = res["chi2"].to(torch.float64)
+                ev_chi2 += res["event_chi2"]
+                if grad_phi is not None:
+                    grad_phi += self._phi_grad_from_hits(res["grad_g"], sub.sensor, res["s_tilde"], self.n_sensors)
+        if grad_phi is None:
+            return Chi2Output(cost, chi2, ndf, ev_chi2, ev_ndf)
+        out = _FastChi2.apply(self.phi, cost, grad_phi)
+        return Chi2Output(out, chi2, ndf, ev_chi2, ev_ndf)
+
+    def _chunks(self, batch: TrackBatch, nh: Tensor, chunk: int) -> list[Tensor]:
+        t = batch.n_tracks
+        if self.config.vertex == "fit":
+            # contiguous whole events (tracks are grouped by event)
+            bounds = [0]
+            while bounds[-1] < t:
+                nxt = min(bounds[-1] + chunk, t)
+                if nxt < t:
+                    ev = batch.event[nxt - 1]
+                    nxt = int(torch.searchsorted(batch.event, ev, right=True)) if bool(
+                        (batch.event[1:] >= batch.event[:-1]).all()) else t
+                bounds.append(max(nxt, bounds[-1] + 1))
+            return [torch.arange(a, b) for a, b in zip(bounds, bounds[1:])]
+        order = torch.argsort(nh, stable=True)
+        return list(order.split(chunk))
+
+    def _ndf(self, nh: Tensor) -> Tensor:
+        return 2.0 * nh.to(torch.float64) + (2.0 if self.config.vertex != "none" else 0.0) - 5.0
+
+    @staticmethod
+    def _event_scale(ev_ndf: Tensor) -> Tensor:
+        """dC/dchi2_event = 1 / (N_event nu_event) for events with nu > 0 (others are dropped)."""
+        good = ev_ndf > 0
+        n_good = good.sum().clamp_min(1)
+        return torch.where(good, 1.0 / (ev_ndf.clamp_min(1.0) * n_good), torch.zeros_like(ev_ndf))
+
+    def forward_autograd(self, batch: TrackBatch) -> Chi2Output:
+        """The straightforward version: autograd through positions and fits (weights and vertex
+        held constant). Same value as :meth:`forward`."""
+        res = self._evaluate(batch, self.phi, need_grad=False)
+        return self._to_output(res, res["cost"])
+
+    def _to_output(self, res: dict[str, Tensor], cost: Tensor) -> Chi2Output:
+        return Chi2Output(cost, res["chi2"].detach(), res["ndf"], res["event_chi2"].detach(), res["event_ndf"])
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _weights(self, x: Tensor, y: Tensor, batch: TrackBatch, fit: dict[str, Tensor], lz: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-hit weights 1/sigma^2 for the xy and z residuals from a first fit (detached)."""
+        cfg = self.config
+        k, c, s = fit["kappa"].detach(), fit["cos"].detach(), fit["sin"].detach()
+        # u measurement direction projected on the circle normal (geometric factor)
+        gx = 2 * k[:, None] * x.detach() + s[:, None]
+        gy = 2 * k[:, None] * y.detach() - c[:, None]
+        gn = torch.sqrt(gx * gx + gy * gy).clamp_min(1e-12)
+        eu = self.rot_geom[batch.sensor][..., 0]  # (T, K, 3)
+        fac = (eu[..., 0] * gx + eu[..., 1] * gy) / gn
+        var_xy = (cfg.sigma_u * fac) ** 2
+        var_z = torch.full_like(var_xy, cfg.sigma_v**2)
+        if cfg.multiple_scattering:
+            tl = lz.detach()
+            sec2 = 1.0 + tl * tl  # 1 / cos^2(lambda)
+            pt = (0.3 * cfg.b_field / (2000.0 * k.abs().clamp_min(1e-12))).clamp(0.05, 1e4)
+            p = pt * sec2.sqrt()
+            th2 = highland_theta0(p[:, None], self.layer_x0[None, :] * sec2.sqrt()[:, None], cfg.mass) ** 2  # (T, L)
+            rad = self.layer_radius[None, :]
+            zero = th2.new_zeros(th2.shape[0], 1)
+            ca = torch.cat([zero, th2.cumsum(1)[:, :-1]], 1)  # exclusive cumulative sums over layers
+            cb = torch.cat([zero, (th2 * rad).cumsum(1)[:, :-1]], 1)
+            cc = torch.cat([zero, (th2 * rad * rad).cumsum(1)[:, :-1]], 1)
+            lay = self.sensor_layer[batch.sensor]  # (T, K)
+            r = torch.sqrt(x.detach() ** 2 + y.detach() ** 2)
+            ms = (r * r * ca.gather(1, lay) - 2 * r * cb.gather(1, lay) + cc.gather(1, lay)).clamp_min(0.0)
+            var_xy = var_xy + ms * sec2[:, None]
+            var_z = var_z + ms * (sec2 * sec2)[:, None]
+        m = batch.mask.to(x.dtype)
+        return m / var_xy.clamp_min(1e-30), m / var_z
+
+    def _vertex(self, batch: TrackBatch, glob: Tensor, dt: torch.dtype) -> Tensor:
+        """Per-track reference point / vertex (T, 3), detached."""
+        cfg = self.config
+        if cfg.vertex == "given":
+            if batch.vertex is None:
+                raise ValueError("ITSAlignmentConfig.vertex='given' needs TrackBatch.vertex")
+            return batch.vertex.to(dt)[batch.event]
+        return torch.tensor(cfg.beam_spot, dtype=dt).expand(batch.n_tracks, 3)
+
+    def _fit_vertex(self, batch: TrackBatch, fit: dict[str, Tensor], lfit: dict[str, Tensor], ref: Tensor,
+                    w_xy: Tensor) -> Tensor:
+        """Event vertex from first-pass track fits: least squares of the tracks' transverse
+        distance plus the beam spot (xy), weighted mean of z at closest approach (z)."""
+        cfg = self.config
+        c, s, d = fit["cos"], fit["sin"], fit["delta"]
+        # transverse impact-parameter weight: first-layer hit weight as a proxy
+        wt = w_xy.max(1).values.clamp_min(1e-12)
+        wt = 1.0 / (1.0 / wt + cfg.sigma_u**2)
+        nx, ny = -s, c  # track normal at closest approach; n . (v - ref) = delta
+        ne = batch.n_events
+        a11 = torch.zeros(ne, dtype=c.dtype).index_add_(0, batch.event, wt * nx * nx) + cfg.sigma_beam_xy**-2
+        a12 = torch.zeros(ne, dtype=c.dtype).index_add_(0, batch.event, wt * nx * ny)
+        a22 = torch.zeros(ne, dtype=c.dtype).index_add_(0, batch.event, wt * ny * ny) + cfg.sigma_beam_xy**-2
+        b1 = torch.zeros(ne, dtype=c.dtype).index_add_(0, batch.event, wt * nx * d)
+        b2 = torch.zeros(ne, dtype=c.dtype).index_add_(0, batch.event, wt * ny * d)
+        det = a11 * a22 - a12 * a12
+        vx = (a22 * b1 - a12 * b2) / det
+        vy = (a11 * b2 - a12 * b1) / det
+        wz = torch.ones_like(c)
+        sz = torch.zeros(ne, dtype=c.dtype).index_add_(0, batch.event, wz * lfit["z0"])
+        nz = torch.zeros(ne, dtype=c.dtype).index_add_(0, batch.event, wz).clamp_min(1.0)
+        v = torch.stack([vx, vy, sz / nz], 1)  # (E, 3) relative to the reference point
+        return ref + v[batch.event]
+
+    def _evaluate(self, batch: TrackBatch, phi: Tensor | None, need_grad: bool,
+                  scale_ev: Tensor | None = None, table: Tensor | None = None) -> dict[str, Tensor]:
+        """Fits and chi^2 of ``batch`` (all tracks at once). ``scale_ev`` (n_events,) overrides
+        the per-event normalisation (when ``batch`` is a chunk); ``table`` a precomputed
+        placement table (then ``phi`` is unused)."""
+        cfg = self.config
+        dt = torch.float64 if cfg.precision == "float64" else torch.float32
+        if table is None:
+            assert phi is not None
+            table = self.placement_table(phi).to(dt)
+        glob = self.global_positions(batch, table=table)  # (T, K, 3)
+        ref = self._vertex(batch, glob, dt)
+        mask = batch.mask
+        # pass 1: intrinsic weights, no vertex point, relative to the reference point
+        with torch.no_grad():
+            x0, y0, z0 = (glob[..., i].detach() - ref[:, i, None] for i in range(3))
+            m = mask.to(dt)
+            zero_v = torch.zeros(batch.n_tracks, dtype=dt)
+            f1 = _circle_fit(x0, y0, m, zero_v)
+            arc1, _, _ = _arc_length(x0, y0, f1)
+            l1 = _line_fit(arc1, z0, m, zero_v)
+            w_xy, w_z = self._weights(x0, y0, batch, f1, l1["tanl"])
+            if cfg.vertex == "fit":
+                ref = self._fit_vertex(batch, f1, l1, ref, w_xy)
+        use_v = cfg.vertex != "none"
+        wv_xy = torch.full((batch.n_tracks,), cfg.sigma_vertex_xy**-2 if use_v else 0.0, dtype=dt)
+        wv_z = torch.full((batch.n_tracks,), cfg.sigma_vertex_z**-2 if use_v else 0.0, dtype=dt)
+        # pass 2: full weights and the vertex term
+        x, y, z = (glob[..., i] - ref[:, i, None] for i in range(3))
+        fit = _circle_fit(x, y, w_xy, wv_xy)
+        arc, dsdx, dsdy = _arc_length(x, y, fit)
+        lfit = _line_fit(arc, z, w_z, wv_z)
+        e, rz = fit["e"], lfit["rz"]
+        chi2 = (w_xy * e * e).sum(1) + wv_xy * fit["delta"] ** 2 + (w_z * rz * rz).sum(1) + wv_z * lfit["z0"] ** 2
+        ndf = self._ndf(mask.sum(1))  # (T,) float64
+        ev_ndf = torch.zeros(batch.n_events, dtype=torch.float64).index_add_(0, batch.event, ndf)
+        if scale_ev is None:
+            scale_ev = self._event_scale(ev_ndf)
+        ev_chi2 = torch.zeros(batch.n_events, dtype=torch.float64).index_add(0, batch.event, chi2.to(torch.float64))
+        cost = (ev_chi2 * scale_ev).sum()
+        out: dict[str, Tensor] = {
+            "cost": cost, "chi2": chi2, "ndf": ndf, "event_chi2": ev_chi2, "event_ndf": ev_ndf,
+            "e": e, "rz": rz, "w_xy": w_xy, "w_z": w_z, "kappa": fit["kappa"], "cos": fit["cos"],
+            "sin": fit["sin"], "delta": fit["delta"], "z0": lfit["z0"], "tanl": lfit["tanl"],
+            "arc": arc, "x": x, "y": y, "ref": ref, "wv_xy": wv_xy, "wv_z": wv_z,
+        }
+        if need_grad:
+            a = scale_ev[batch.event].to(dt)[:, None]  # (T, 1) d C / d chi2_track
+            k = fit["kappa"][:, None]
+            c, s = fit["cos"][:, None], fit["sin"][:, None]
+            ge = 2.0 * a * w_xy * e
+            gz = 2.0 * a * w_z * rz
+            tl = lfit["tanl"][:, None]
+            gx = ge * (2 * k * x + s) - gz * tl * dsdx
+            gy = ge * (2 * k * y - c) - gz * tl * dsdy
+            out["grad_g"] = torch.stack([gx, gy, gz], -1)  # (T, K, 3) dC/dg (0 on padding)
+            out["sensor"] = batch.sensor
+            out["s_tilde"] = batch.local.to(dt) / self.half_size.to(dt)
+        return out
+
+    def _phi_grad_from_hits(self, grad_g: Tensor, sensor: Tensor, s_tilde: Tensor, n: int) -> Tensor:
+        """dC/dPhi from dC/dg per hit: accumulate ``g (x) (s~1, s~2, 1)`` per sensor in the global
+        frame, then rotate with R_G^T (per sensor, not per hit)."""
+        gg = grad_g.reshape(-1, 3)  # (T*K, 3)
+        st = s_tilde.reshape(-1, 2).to(gg.dtype)
+        vals = torch.cat([gg * st[:, :1], gg * st[:, 1:], gg], 1)  # (T*K, 9): dA0, dA1, dc
+        acc = torch.zeros(n, 9, dtype=gg.dtype).index_add_(0, sensor.reshape(-1), vals).to(torch.float64)
+        acc = acc.reshape(n, 3, 3)  # (N, 3 [A0, A1, c], 3 xyz)
+        loc = acc @ self.rot_geom  # (N, 3, 3): row i = R_G^T (d/d col i)
+        dw = loc[:, :2, :].transpose(1, 2)  # (N, 3 outputs, 2 inputs)
+        return torch.cat([dw.reshape(n, 6), loc[:, 2, :]], 1)
