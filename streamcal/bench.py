@@ -17,9 +17,12 @@ processes, over TCP loopback, three ways:
   flight, kept full with ``ray.wait``).
 
 Rates are measured from the sender's first send to the receiver's last decode (both read the
-same system-wide monotonic clock) after a warm-up round on the same sockets; the number of
-messages of each timed round is chosen from the warm-up rate so that a round takes about
-``--seconds``. GB/s counts IPC payload bytes (1 GB = 1e9 bytes) for all three.
+same system-wide monotonic clock) after a warm-up on the same sockets; the number of messages of
+each timed round is chosen from the warm-up rate so that a round takes about ``--seconds``. The
+timed rounds of the three paths are interleaved (a, b, c, a, b, c, ...), so that a change in the
+machine's load affects all three alike; the best round of each path is reported (the median
+too) and the ratios are taken between best rounds. GB/s counts IPC payload bytes (1 GB = 1e9
+bytes) for all three.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import msgpack
 import pyarrow as pa
@@ -41,7 +45,7 @@ from streamcal import wire
 from streamcal.config import Config
 from streamcal.schemas import register_schema
 from streamcal.stage import InputWiring, Sink, Source, StageContext
-from streamcal.transport import InputEdge, OutputEdge, ReaderGroup, recv_frames
+from streamcal.transport import InputEdge, OutputEdge, ReaderGroup, StopRequested, recv_frames
 
 __all__ = [
     "SIZES",
@@ -71,6 +75,7 @@ _READER = "rx"
 _PORT = "in"
 _IDENTITY = f"{_READER}/0/{_PORT}".encode()
 _COPY_THRESHOLD = 65536  # the same zero-copy threshold as streamcal.transport
+_STALL_S = 60.0  # a path that moves nothing for this long is broken: fail instead of hanging
 
 
 def make_batch(nominal: int) -> pa.RecordBatch:
@@ -138,6 +143,7 @@ class _Sender:
         self.edge: OutputEdge | None = None
         self.stage: _BenchSource | None = None
         self.seq = 0
+        self.deadline = float("inf")
 
     def set_batch(self, nominal: int) -> int:
         self.batch = make_batch(nominal)
@@ -148,6 +154,7 @@ class _Sender:
         self.sock = self.zctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(_STALL_S * 1000))  # zmq.Again instead of a hang
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         return f"tcp://127.0.0.1:{port}"
 
@@ -165,7 +172,10 @@ class _Sender:
                  "schema": BLOB.name, "fp": BLOB.fingerprint},
                 use_bin_type=True,
             )
-            sock.send_multipart([header, payload], copy=payload.size < _COPY_THRESHOLD)
+            try:
+                sock.send_multipart([header, payload], copy=payload.size < _COPY_THRESHOLD)
+            except zmq.Again:
+                raise RuntimeError(f"raw path: the receiver took no message for {_STALL_S:.0f} s") from None
             self.seq += 1
         return t0
 
@@ -174,21 +184,30 @@ class _Sender:
         ctx = StageContext(stage="tx", kind=_BenchSource.kind, outputs={"out": _STREAM})
         self.stage = _BenchSource(_NoConfig(), ctx)
         self.edge = OutputEdge(self.zctx, _STREAM, [ReaderGroup(_READER, (_IDENTITY,))], hwm=hwm,
-                               counters=self.stage.metrics.outputs["out"], label="bench")
+                               counters=self.stage.metrics.outputs["out"], label="bench",
+                               stall_timeout_s=_STALL_S / 2, should_abort=lambda: time.monotonic() > self.deadline)
         ctx.send = lambda port, header, batch: self.edge.send(header, batch)
         return self.edge.endpoint
 
     def sc_send(self, n: int) -> int:
         stage, batch = self.stage, self.batch
+        self.deadline = time.monotonic() + _STALL_S + n * 1e-3
         t0 = _now()
-        for _ in range(n):
-            k = self.seq
-            stage.emit("out", batch, k, k + 1)
-            self.seq += 1
+        try:
+            for _ in range(n):
+                k = self.seq
+                stage.emit("out", batch, k, k + 1)
+                self.seq += 1
+        except StopRequested:
+            raise RuntimeError(f"streamcal path: the receiver took no message for {_STALL_S:.0f} s") from None
         return t0
 
     def sc_eos(self) -> None:
-        self.stage._complete()
+        self.deadline = time.monotonic() + 10.0
+        try:
+            self.stage._complete()
+        except StopRequested:
+            raise RuntimeError("streamcal path: the receiver did not take the end-of-stream") from None
 
     # (c) Ray actor calls
     def ray_send(self, receiver: Any, n: int, window: int) -> tuple[int, int]:
@@ -198,22 +217,26 @@ class _Sender:
         batch = self.batch
         t0 = _now()
         refs: list = []
+        rows = 0
         for _ in range(n):
             if len(refs) >= window:
-                _, refs = ray.wait(refs, num_returns=1)
+                done, refs = ray.wait(refs, num_returns=1)
+                rows += ray.get(done[0])
             refs.append(receiver.take.remote(batch))
-        ray.get(refs)
-        return t0, _now()
+        rows += sum(ray.get(refs))
+        t1 = _now()
+        if rows != n * batch.num_rows:
+            raise RuntimeError(f"ray path: {rows} rows arrived, {n * batch.num_rows} sent")
+        return t0, t1
 
-    def close(self) -> None:
-        if self.sock is not None:
+    def close(self, method: str) -> None:
+        if method == "raw" and self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
-        if self.edge is not None:
+        if method == "streamcal" and self.edge is not None:
             self.edge.close()
             self.edge = None
-        self.stage = None
-        self.seq = 0
+            self.stage = None
 
 
 class _Receiver:
@@ -231,19 +254,26 @@ class _Receiver:
         self.sock = self.zctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, int(_STALL_S * 1000))  # zmq.Again instead of a hang
         self.sock.connect(endpoint)
 
-    def raw_recv(self, n: int) -> dict[str, int]:
+    def raw_recv(self, n: int, rows_per_message: int = 1) -> dict[str, int]:
         sock = self.sock
         rows = 0
-        for _ in range(n):
-            h, p = sock.recv_multipart(copy=False)
+        for i in range(n):
+            try:
+                h, p = sock.recv_multipart(copy=False)
+            except zmq.Again:
+                raise RuntimeError(f"raw path: nothing received for {_STALL_S:.0f} s ({n - i} of {n} missing)") from None
             header = msgpack.unpackb(h.bytes, raw=False)
             reader = pa.ipc.open_stream(p.buffer)
             if not reader.schema.equals(BLOB.schema) or header["fp"] != BLOB.fingerprint:
                 raise RuntimeError("raw path: unexpected schema")
             rows += reader.read_next_batch().num_rows
-        return {"t_end": _now(), "messages": n, "rows": rows}
+        t_end = _now()
+        if rows != n * rows_per_message:
+            raise RuntimeError(f"raw path: {rows} rows arrived, {n * rows_per_message} sent")
+        return {"t_end": t_end, "messages": n, "rows": rows}
 
     # (b)
     def sc_open(self, endpoint: str, hwm: int) -> None:
@@ -256,9 +286,14 @@ class _Receiver:
         stage, sock = self.stage, self.edge.socks[0]
         c = stage.metrics.inputs[_PORT]
         target = c.messages + n
+        last = time.monotonic()
         while c.messages < target:
             if not sock.poll(100):
+                if time.monotonic() - last > _STALL_S:
+                    raise RuntimeError(f"streamcal path: nothing received for {_STALL_S:.0f} s "
+                                       f"({target - c.messages} of {n} messages missing)")
                 continue
+            last = time.monotonic()
             for _ in range(256):
                 try:
                     frames = recv_frames(sock, zmq.NOBLOCK)
@@ -280,15 +315,14 @@ class _Receiver:
         self.got += 1
         return batch.num_rows
 
-    def close(self) -> None:
-        if self.sock is not None:
+    def close(self, method: str) -> None:
+        if method == "raw" and self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
-        if self.edge is not None:
+        if method == "streamcal" and self.edge is not None:
             self.edge.close()
             self.edge = None
-        self.stage = None
-        self.got = 0
+            self.stage = None
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -302,6 +336,8 @@ def _window(payload: int) -> int:
 
 
 class _Pair:
+    """The two actors, driven from the driver: open, timed rounds, close, per method."""
+
     def __init__(self, sender: Any, receiver: Any) -> None:
         import ray
 
@@ -339,39 +375,61 @@ class _Pair:
         if method == "streamcal":
             self.ray.get(self.tx.sc_eos.remote())
             rep = self.ray.get(self.rx.sc_drain_eos.remote())
-            if rep["metrics"]["inputs"][_PORT]["gaps"]:
-                raise RuntimeError("streamcal path: sequence gaps")
-        self.ray.get([self.tx.close.remote(), self.rx.close.remote()])
+            inputs = rep["metrics"]["inputs"][_PORT]
+            if inputs["gaps"] or sum(inputs["rejects"].values()):
+                raise RuntimeError(f"streamcal path: {inputs['gaps']} gap(s), rejects {inputs['rejects']}")
+        self.ray.get([self.tx.close.remote(method), self.rx.close.remote(method)])
 
 
-def _measure(pair: _Pair, method: str, payload: int, *, seconds: float, repeat: int, warmup_s: float,
-             max_messages: int) -> dict[str, Any]:
+def _warm_up(pair: _Pair, method: str, window: int, *, warmup_s: float, seconds: float, max_messages: int) -> int:
+    """Rounds of growing size until one lasts ``warmup_s`` (connections, caches, Ray worker
+    leases); returns the message count of a timed round of about ``seconds``."""
+    n = 20
+    while True:
+        dt = pair.round(method, n, window)
+        if dt >= warmup_s or n >= max_messages:
+            break
+        n = min(max_messages, max(2 * n, int(n * warmup_s / max(dt, 1e-6) * 1.2)))
+    return int(min(max_messages, max(window * 4, 20, n / dt * seconds)))
+
+
+def _measure_size(pair: _Pair, label: str, payload: int, methods: tuple[str, ...], *, seconds: float,
+                  repeat: int, warmup_s: float, max_messages: int, progress: "_Progress") -> dict[str, Any]:
+    """Every method at one payload size, timed rounds interleaved across the methods."""
     window = _window(payload)
-    pair.open(method, window)
+    opened: list[str] = []
+    counts: dict[str, int] = {}
+    runs: dict[str, list[float]] = {m: [] for m in methods}
     try:
-        # warm-up: connections, caches, Ray worker leases; its rate sizes the timed rounds
-        n = 20
-        while True:
-            dt = pair.round(method, n, window)
-            if dt >= warmup_s or n >= max_messages:
-                break
-            n = min(max_messages, max(2 * n, int(n * warmup_s / max(dt, 1e-6) * 1.2)))
-        rate = n / dt
-        n = int(min(max_messages, max(window * 4, 20, rate * seconds)))
-        runs = []
-        for _ in range(repeat):
-            dt = pair.round(method, n, window)
-            runs.append(n / dt)
+        for m in methods:
+            pair.open(m, window)
+            opened.append(m)
+        for m in methods:
+            progress.start(f"{label:>6} {_LABELS[m]:<18} warm-up")
+            counts[m] = _warm_up(pair, m, window, warmup_s=warmup_s, seconds=seconds, max_messages=max_messages)
+            progress.done(f"{label:>6} {_LABELS[m]:<18} warm-up: {counts[m]:,} messages per round")
+        for r in range(repeat):
+            for m in methods:
+                progress.start(f"{label:>6} {_LABELS[m]:<18} round {r + 1}/{repeat}")
+                dt = pair.round(m, counts[m], window)
+                runs[m].append(counts[m] / dt)
+                progress.done(f"{label:>6} {_LABELS[m]:<18} round {r + 1}/{repeat}: {counts[m] / dt:>10,.0f} msgs/s "
+                              f"{counts[m] / dt * payload / 1e9:7.3f} GB/s ({counts[m]:,} in {dt:.2f} s)")
     finally:
-        pair.close(method)
-    best = max(runs)
-    return {
-        "msgs_per_s": round(best, 1),
-        "gb_per_s": round(best * payload / 1e9, 4),
-        "messages": n,
-        "rounds_msgs_per_s": [round(r, 1) for r in runs],
-        "window": window,
-    }
+        for m in opened:
+            pair.close(m)
+    row: dict[str, Any] = {}
+    for m in methods:
+        best = max(runs[m])
+        row[m] = {
+            "msgs_per_s": round(best, 1),
+            "gb_per_s": round(best * payload / 1e9, 4),
+            "median_msgs_per_s": round(float(statistics.median(runs[m])), 1),
+            "messages": counts[m],
+            "rounds_msgs_per_s": [round(x, 1) for x in runs[m]],
+            "window": window,
+        }
+    return row
 
 
 def _machine() -> dict[str, Any]:
@@ -403,44 +461,47 @@ def run_transport_bench(
     sizes: dict[str, int] | None = None,
     methods: tuple[str, ...] = METHODS,
     seconds: float = 1.5,
-    repeat: int = 2,
+    repeat: int = 3,
     warmup_s: float = 0.3,
     max_messages: int = 1_000_000,
     progress: bool = True,
-    on_result: Callable[[str, str, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-able result (see module docstring)."""
+    """Run the benchmark; returns the JSON-able result (see module docstring).
+
+    Uses the running Ray session if there is one, else starts (and stops) a local one."""
     import ray
 
     sizes = dict(SIZES if sizes is None else sizes)
+    unknown = [s for s in sizes if s not in SIZES] + [m for m in methods if m not in METHODS]
+    if unknown or not sizes or not methods or repeat < 1 or seconds <= 0:
+        raise ValueError(f"run_transport_bench: bad sizes/methods/repeat/seconds {unknown or ''} "
+                         f"(sizes: {', '.join(SIZES)}; methods: {', '.join(METHODS)}; repeat >= 1; seconds > 0)")
     own_ray = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         own_ray = True
-    sender = ray.remote(num_cpus=0)(_Sender).remote()
-    receiver = ray.remote(num_cpus=0)(_Receiver).remote()
-    pair = _Pair(sender, receiver)
     result: dict[str, Any] = {
         "benchmark": "transport",
-        "transport": "tcp://127.0.0.1 (loopback), sender and receiver in two Ray actors",
+        "transport": "tcp://127.0.0.1 (loopback), sender and receiver in two Ray actors (two processes)",
+        "methods": {m: _LABELS[m] for m in methods},
         "machine": _machine(),
-        "settings": {"seconds": seconds, "repeat": repeat, "warmup_s": warmup_s, "statistic": "best round"},
+        "settings": {"seconds": seconds, "repeat": repeat, "warmup_s": warmup_s, "max_messages": max_messages,
+                     "statistic": "best of the interleaved rounds; ratios between best rounds"},
         "targets": TARGETS,
         "sizes": {},
     }
-    bar = _bar(progress, len(sizes) * len(methods))
+    bar = _Progress(progress, len(sizes) * len(methods) * (1 + repeat))
+    sender = receiver = None
     try:
+        sender = ray.remote(num_cpus=0)(_Sender).remote()
+        receiver = ray.remote(num_cpus=0)(_Receiver).remote()
+        pair = _Pair(sender, receiver)
         for label, nominal in sizes.items():
             payload = ray.get(sender.set_batch.remote(nominal))
             row: dict[str, Any] = {"nominal_bytes": nominal, "payload_bytes": payload}
-            for m in methods:
-                bar.describe(f"{label:>6} {_LABELS[m]}")
-                row[m] = _measure(pair, m, payload, seconds=seconds, repeat=repeat, warmup_s=warmup_s,
-                                  max_messages=max_messages)
-                if on_result is not None:
-                    on_result(label, m, row[m])
-                bar.advance()
+            row.update(_measure_size(pair, label, payload, tuple(methods), seconds=seconds, repeat=repeat,
+                                     warmup_s=warmup_s, max_messages=max_messages, progress=bar))
             if "streamcal" in row and "ray" in row:
                 row["ratio_vs_ray"] = round(row["streamcal"]["msgs_per_s"] / row["ray"]["msgs_per_s"], 2)
             if "streamcal" in row and "raw" in row:
@@ -449,7 +510,8 @@ def run_transport_bench(
     finally:
         bar.close()
         for a in (sender, receiver):
-            ray.kill(a)
+            if a is not None:
+                ray.kill(a)
         if own_ray:
             ray.shutdown()
     result["targets_met"] = _targets_met(result["sizes"])
@@ -467,12 +529,16 @@ def _targets_met(rows: dict[str, dict]) -> dict[str, bool]:
     return met
 
 
-class _bar:
-    """A rich progress bar over the measurements (on stderr; silent when disabled)."""
+class _Progress:
+    """Progress on stderr: one line per finished step, and a live bar when stderr is a terminal."""
 
     def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.step = 0
+        self.t0 = time.monotonic()
         self.p = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -481,13 +547,20 @@ class _bar:
             self.p.start()
             self.task = self.p.add_task("starting", total=total)
 
-    def describe(self, text: str) -> None:
+    def start(self, text: str) -> None:
         if self.p is not None:
             self.p.update(self.task, description=text)
 
-    def advance(self) -> None:
+    def done(self, text: str) -> None:
+        self.step += 1
+        if not self.enabled:
+            return
+        line = f"[{self.step:>{len(str(self.total))}}/{self.total} {time.monotonic() - self.t0:6.1f} s] {text}"
         if self.p is not None:
+            self.p.console.print(line, highlight=False)
             self.p.advance(self.task)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.p is not None:
@@ -502,8 +575,8 @@ def format_table(result: dict[str, Any]) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="transport benchmark (TCP loopback, two processes; best round)")
-    for col in ("size", "payload B", "method", "msgs/s", "GB/s", "b/c", "b/a"):
+    t = Table(title="transport benchmark (TCP loopback, two processes; best of interleaved rounds)")
+    for col in ("size", "payload B", "method", "msgs/s", "median", "GB/s", "b/c", "b/a"):
         t.add_column(col, justify="left" if col in ("size", "method") else "right")
     for label, row in result["sizes"].items():
         first = True
@@ -513,13 +586,13 @@ def format_table(result: dict[str, Any]) -> str:
             r = row[m]
             t.add_row(
                 label if first else "", f"{row['payload_bytes']:,}" if first else "", _LABELS[m],
-                f"{r['msgs_per_s']:,.0f}", f"{r['gb_per_s']:.3f}",
+                f"{r['msgs_per_s']:,.0f}", f"{r['median_msgs_per_s']:,.0f}", f"{r['gb_per_s']:.3f}",
                 f"{row['ratio_vs_ray']:.1f}" if first and "ratio_vs_ray" in row else "",
                 f"{row['ratio_vs_raw']:.2f}" if first and "ratio_vs_raw" in row else "",
             )
             first = False
     buf = StringIO()
-    Console(file=buf, width=110, force_terminal=False).print(t)
+    Console(file=buf, width=120, force_terminal=False).print(t)
     met = result.get("targets_met", {})
     if met:
         buf.write("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + "\n")
@@ -528,38 +601,46 @@ def format_table(result: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------- CLI
 def _add_transport_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE")
-    p.add_argument("--quick", action="store_true", help="smoke run: short rounds, one repeat, small sizes")
+    p.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE ('-': to stdout)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 0.2 s rounds, one repeat, 64B and 100kB unless --sizes says otherwise")
     p.add_argument("--seconds", type=float, default=1.5, help="target duration of a timed round (default 1.5)")
-    p.add_argument("--repeat", type=int, default=2, help="timed rounds per measurement; the best is kept (default 2)")
-    p.add_argument("--sizes", default=",".join(SIZES),
-                   help=f"comma-separated subset of {','.join(SIZES)} (default: all)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="interleaved timed rounds per method and size; the best is kept (default 3)")
+    p.add_argument("--sizes", help=f"comma-separated subset of {','.join(SIZES)} (default: all)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=transport_command)
 
 
 def transport_command(args: argparse.Namespace) -> int:
     """``streamcal bench transport``: run, print the table, write ``--json``. Returns the exit code."""
-    labels = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    labels = [s.strip() for s in (args.sizes or ",".join(SIZES)).split(",") if s.strip()]
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [s for s in labels if s not in SIZES] + [m for m in methods if m not in METHODS]
-    if bad:
-        print(f"error: unknown size or method {bad} (sizes: {', '.join(SIZES)}; methods: {', '.join(METHODS)})",
+    if bad or not labels or not methods:
+        print(f"error: unknown or no size/method {bad} (sizes: {', '.join(SIZES)}; methods: {', '.join(METHODS)})",
               file=sys.stderr)
+        return 2
+    if args.repeat < 1 or args.seconds <= 0:
+        print("error: --repeat must be >= 1 and --seconds > 0", file=sys.stderr)
         return 2
     kw: dict[str, Any] = {"seconds": args.seconds, "repeat": args.repeat}
     if args.quick:
         kw = {"seconds": 0.2, "repeat": 1, "warmup_s": 0.05, "max_messages": 20_000}
-        if args.sizes == ",".join(SIZES):  # quick default: keep the biggest message out
+        if args.sizes is None:  # keep the biggest message out of a smoke run
             labels = ["64B", "100kB"]
     result = run_transport_bench(sizes={s: SIZES[s] for s in labels}, methods=methods,
                                  progress=not args.no_progress, **kw)
-    print(format_table(result), end="")
-    if args.json:
+    to_stdout = args.json == "-"
+    print(format_table(result), end="", file=sys.stderr if to_stdout else sys.stdout)
+    if to_stdout:
+        print(json.dumps(result, indent=2))
+    elif args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+            f.write("\n")
         print(f"wrote {args.json}")
     return 0
 
