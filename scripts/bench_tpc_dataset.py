@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -65,6 +66,7 @@ def main() -> int:
         "density_map_s": t_density,
         "random_map_with_distortions_s": t_maps / config.n_random,
         "samples_per_s": n / elapsed,
+        "load_average": list(os.getloadavg()),
     }
     if args.write:
         with tempfile.TemporaryDirectory() as tmp:

@@ -158,3 +158,53 @@ def test_decomposition_bad_input() -> None:
         idc_decomposition(np.array([[1.0, -1.0]]))
     with pytest.raises(ValueError, match="idc must have shape"):
         idc_decomposition(np.ones(3))
+
+
+def _traced_peak(fn) -> tuple[object, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_full_granularity_simulation_memory_per_map() -> None:
+    """Simulating full-granularity maps needs the output plus a fixed working set (~45 MB measured),
+    so one ion drift time (200 maps of 524,160 pads, 419.3 MB in float32) stays well below ~1 GB."""
+    series, peak = _traced_peak(lambda: IDCSimulator().simulate(4, seed=2))
+    working = peak - series.idc.nbytes
+    assert series.idc.nbytes == 4 * PADS_TOTAL * 4
+    assert working < 100e6
+    assert 200 * PADS_TOTAL * 4 + working < 1e9
+
+
+@pytest.mark.slow
+def test_full_ion_drift_time_history_fits_in_1_gb() -> None:
+    """The whole 3D IDC history at full granularity, simulated in one call (8 s, 465 MB peak measured)."""
+    series, peak = _traced_peak(lambda: IDCSimulator().simulate(200, seed=3))
+    assert series.idc.shape == (200, 2, 18, PADS_PER_SECTOR)
+    assert peak < 1e9
+    dec = idc_decomposition(series.idc[:, 0, :2])  # IDC0 / IDC1 / IDCDelta of two sectors
+    assert dec.idc1.shape == (200,) and abs(dec.idc1.mean() - 1.0) < 1e-9
+
+
+def test_idc_maps_of_the_density_simulation_determine_its_density() -> None:
+    """IDCs from the same simulation as the density map: 2D maps per ms on the grid's cells, whose
+    history gives the density back exactly; their 1D IDC is the sample's relative 1D IDC."""
+    from streamcal.detectors.tpc.density import DensitySimulator, density_from_readout, sector_epsilon_map
+
+    factors = np.linspace(0.8, 1.2, 18)  # a local epsilon map, which the IDCs see
+    dc = DensityConfig(epsilon_map=sector_epsilon_map(factors))
+    g = Grid(36, 9, 9)
+    sample = DensitySimulator(g, dc).sample(seed=4, n=2)
+    maps = sample.idc_maps()
+    assert maps.shape == (2, 200, 36, 9) and np.all(maps >= 0)
+    eps = dc.epsilon_on(g.phi[:, None], g.r[None, :])
+    edges = np.concatenate([[g.r[0]], 0.5 * (g.r[1:] + g.r[:-1]), [g.r[-1]]])
+    electrons = maps / (eps * np.diff(edges)[None, :] * dc.ionisation_per_cm)
+    np.testing.assert_allclose(density_from_readout(electrons, g, dc), sample.density, rtol=1e-12)
+    ratio = np.stack([idc_1d(m) for m in maps]) / sample.idc1d()
+    np.testing.assert_allclose(ratio, ratio[0, 0], rtol=1e-12)

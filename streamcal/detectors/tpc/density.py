@@ -460,6 +460,20 @@ class DensitySample:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(expected > 0, total / np.where(expected > 0, expected, 1.0), 0.0)
 
+    def idc_maps(self) -> np.ndarray:
+        """2D IDC maps of this same simulation on the grid's (phi, r) cells, (n, n_time_bins, nphi, nr).
+
+        Pad groups of one grid cell each: per time bin (chronological) the ions that the
+        amplification sends back into the drift volume through the cell, ``epsilon(phi, r) x
+        ionisation_per_cm x`` the primary-electron track length arriving there (the IDC definition
+        of :mod:`streamcal.detectors.tpc.idc`). Their history determines ``density`` exactly:
+        ``density_from_readout(maps / (epsilon ionisation_per_cm dr_cell), grid, config)``, and
+        ``idc_1d`` of the maps is proportional to :meth:`idc1d`.
+        """
+        eps = self.config.epsilon_on(self.grid.phi[:, None], self.grid.r[None, :])  # (nphi, nr)
+        per_cell = eps * _cell_widths(self.grid.r)[None, :] * self.config.ionisation_per_cm  # (nphi, nr)
+        return self.electrons * per_cell[None, None]  # (n, n_t, nphi, nr)
+
 
 def _cell_widths(x: np.ndarray) -> np.ndarray:
     """Widths of the cells around the nodes ``x`` (half cells at both ends)."""

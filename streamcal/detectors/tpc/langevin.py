@@ -156,7 +156,9 @@ def local_distortions(
     if bool((ez_tot >= 0).any()):
         raise ValueError(
             f"ez: the space-charge field reaches the nominal drift field ({e_drift} V/cm) "
-            "somewhere; the first-order Langevin solution does not apply"
+            "somewhere; the first-order Langevin solution does not apply (check the units: the "
+            "density is rho/eps0 in V/cm^2, ~0.7 V/cm^2 at the inner field cage at 50 kHz Pb-Pb; "
+            "fields in V/cm)"
         )
     half = 0.5 * g.dz
     out = er_t.new_zeros(er_t.shape[:-3] + (3,) + g.shape)  # (..., 3, nphi, nr, nz)
@@ -281,21 +283,23 @@ def global_distortions(
         return s[:, :, 0]
 
     if method == "follow":
-        # Positions of the electrons started on planes 0..nz-2, (B, nz-1, nphi*nr); those started
-        # on planes 0..j are all on plane j at step j (a contiguous prefix along axis 1).
-        phi = phi0.reshape(1, 1, -1).repeat(nb, g.nz - 1, 1)
-        r = r0.reshape(1, 1, -1).repeat(nb, g.nz - 1, 1)
-        dz = loc.new_zeros(nb, g.nz - 1, g.nphi * g.nr)
+        # Displacements (dphi, dr, dz) of the electrons started on planes 0..nz-2,
+        # (B, 3, nz-1, nphi*nr); those started on planes 0..j are all on plane j at step j (a
+        # contiguous prefix along axis 2). Accumulating the displacement rather than the position
+        # keeps float32 at its relative precision on it (an azimuth near 2 pi resolves 4.8e-7 rad).
+        phi_start = phi0.reshape(1, 1, -1)  # (1, 1, nphi*nr)
+        r_start = r0.reshape(1, 1, -1)
+        acc = loc.new_zeros(nb, 3, g.nz - 1, g.nphi * g.nr)
         for j in range(g.nz - 1):
             n = j + 1
-            p, q = phi[:, :n], r[:, :n]  # (B, n, nphi*nr)
-            d = sample(planes[j], p.reshape(nb, -1), q.reshape(nb, -1)).view(nb, 3, n, -1)
-            p += d[:, 1] / (q + 0.5 * d[:, 0])  # r dphi -> dphi at the mid-step radius
-            q += d[:, 0]
-            dz[:, :n] += d[:, 2]
-        # (B, nz-1, nphi*nr) -> (B, nphi, nr, nz-1)
-        r_start = r0.reshape(1, 1, -1)
-        dist = torch.stack([r - r_start, (phi - phi0.reshape(1, 1, -1)) * r_start, dz], dim=1)
+            a = acc[:, :, :n]  # (B, 3, n, nphi*nr), a view
+            q = r_start + a[:, 1]  # current radius
+            d = sample(planes[j], (phi_start + a[:, 0]).reshape(nb, -1), q.reshape(nb, -1)).view(nb, 3, n, -1)
+            a[:, 0] += d[:, 1] / (q + 0.5 * d[:, 0])  # r dphi -> dphi at the mid-step radius
+            a[:, 1] += d[:, 0]
+            a[:, 2] += d[:, 2]
+        # (B, 3, nz-1, nphi*nr) -> (B, 3, nphi, nr, nz-1)
+        dist = torch.stack([acc[:, 1], acc[:, 0] * r_start, acc[:, 2]], dim=1)
         out[..., :-1] = dist.view(nb, 3, g.nz - 1, g.nphi, g.nr).permute(0, 1, 3, 4, 2)
         return out.reshape(*lead, 3, *g.shape)
 
@@ -317,29 +321,35 @@ def global_distortions(
 def _invert(
     vol: torch.Tensor, grid: Grid, phi_y: torch.Tensor, r_y: torch.Tensor, z_y: torch.Tensor,
     tol: float, max_iter: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Solve ``apply_map(D, x) = y`` by ``x <- y - D(x)``; ``vol`` is D (dr, drphi, dz) in the
-    layout (B, 3, nz, nr, nphi+1), the points are (B, N). Returns the true points ``x``."""
+    layout (B, 3, nz, nr, nphi+1), the points are (B, N). Returns the shift ``x - y`` as
+    (B, N, 3) in (dphi, dr, dz).
+
+    The iteration runs on the shift ``c = x - y`` (``c <- -D(y + c)``), not on the position: a
+    float32 azimuth near 2 pi resolves only 4.8e-7 rad (1.2e-4 cm at the outer field cage), which
+    would bound both the convergence test and ``x_phi - y_phi``; the shift keeps ~1e-7 relative."""
     y = torch.stack([phi_y, r_y, z_y], dim=-1)  # (B, N, 3) as (phi, r, z), grid_sample's order
     vol = vol[:, [1, 0, 2]]  # channels in the same order: (drphi, dr, dz)
     kw = {"dtype": y.dtype, "device": y.device}
     lo = torch.tensor([0.0, grid.r_min, 0.0], **kw)
     scale = torch.tensor([1.0 / math.pi, 2.0 / (grid.r_max - grid.r_min), 2.0 / grid.length], **kw)
-    x = y
+    c = torch.zeros_like(y)  # the shift x - y, (B, N, 3)
     step = torch.zeros(())
     for _ in range(max_iter):
+        x = y + c
         u = (x - lo) * scale - 1.0  # grid_sample coordinates in [-1, 1], (B, N, 3)
         u[..., 0] = torch.remainder(x[..., 0], 2.0 * math.pi) * (1.0 / math.pi) - 1.0
         d = F.grid_sample(vol, u[:, None, None], mode="bilinear", padding_mode="border",
                           align_corners=True)[:, :, 0, 0].transpose(1, 2)  # (B, N, 3)
         d[..., 0] /= x[..., 1]  # r dphi -> dphi at the point
-        new = y - d
-        moved = (new - x).abs()
+        new = -d
+        moved = (new - c).abs()
         moved[..., 0] *= r_y  # dphi -> r dphi
         step = moved.amax()
-        x = new
+        c = new
         if float(step) <= tol:
-            return x[..., 0], x[..., 1], x[..., 2]
+            return c
     raise RuntimeError(
         f"corrections did not converge: last fixed-point step {float(step):.3g} cm > tol={tol} "
         f"after max_iter={max_iter} iterations (is the distortion map a contraction?)"
@@ -368,7 +378,8 @@ def global_corrections(
     applied as in :func:`apply_map`, ``dphi = drphi / x_r``), started at ``x = y``, until no point moves by more
     than ``tol`` cm (r dphi for phi; default 1e-5 cm = 0.1 um in float64, 1e-4 cm in float32,
     whose positions resolve ~2e-5 cm); the correction is
-    ``(x_r - y_r, (x_phi - y_phi) y_r, x_z - y_z)``. Nodes that no electron reaches (next to a
+    ``(x_r - y_r, (x_phi - y_phi) y_r, x_z - y_z)``, iterated as the shift ``x - y`` itself so that
+    float32 keeps its relative precision on it. Nodes that no electron reaches (next to a
     field cage the distortions point away from) get the inverse of the distortion map extended
     by its boundary values.
 
@@ -384,8 +395,8 @@ def global_corrections(
     nb = dist.shape[0]
     kw = {"dtype": dist.dtype, "device": dist.device}
     phi_y, r_y, z_y = (torch.as_tensor(a, **kw).reshape(1, -1).expand(nb, -1) for a in g.mesh())
-    x_phi, x_r, x_z = _invert(_volume(dist), g, phi_y, r_y, z_y, tol, max_iter)
-    corr = torch.stack([x_r - r_y, (x_phi - phi_y) * r_y, x_z - z_y], dim=1)  # (B, 3, N)
+    shift = _invert(_volume(dist), g, phi_y, r_y, z_y, tol, max_iter)  # (B, N, 3): dphi, dr, dz
+    corr = torch.stack([shift[..., 1], shift[..., 0] * r_y, shift[..., 2]], dim=1)  # (B, 3, N)
     return corr.reshape(*lead, 3, *g.shape)
 
 
@@ -409,7 +420,8 @@ def correct_points(
     shape = pts[0].shape
     phi_y, r_y, z_y = (p.to(distortion).reshape(-1, shape[-1]) for p in pts)  # (B, N)
     vol = _volume(distortion.reshape(-1, 3, *g.shape))
-    x = _invert(vol, g, phi_y, r_y, z_y, tol, max_iter)
+    shift = _invert(vol, g, phi_y, r_y, z_y, tol, max_iter)  # (B, N, 3): dphi, dr, dz
+    x = (phi_y + shift[..., 0], r_y + shift[..., 1], z_y + shift[..., 2])
     return x[0].reshape(shape), x[1].reshape(shape), x[2].reshape(shape)
 
 
