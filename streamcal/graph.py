@@ -85,7 +85,7 @@ class StreamSpec:
     name: str
     queue: int = 64
     latest_only: bool = False
-    publish: str | None = None  # endpoint of a latest-only PUB socket for external subscribers
+    publish: str | None = None  # endpoint of the latest-only publishing (XPUB) socket for external subscribers
 
 
 @dataclass(frozen=True)
@@ -452,17 +452,59 @@ def validate_graph(spec: GraphSpec, cluster: ClusterResources | None = None) -> 
         if sname not in spec.stream_names():
             problems.append(f"stream '{sname}': declared under 'streams' but no stage writes or reads it")
     problems.extend(_cycles(spec))
-    pubs: dict[str, str] = {}
-    for sname, s in spec.streams.items():
-        if s.publish:
-            if s.publish in pubs:
-                problems.append(f"stream '{sname}': publish endpoint {s.publish} is also used by stream '{pubs[s.publish]}'")
-            pubs[s.publish] = sname
+    problems.extend(_publish_problems(spec))
 
     res_problems = _check_resources(spec, cluster) if cluster is not None else []
     if problems or res_problems:
         raise (GraphError if problems else ResourceError)(problems + res_problems, spec.source)
     return plan
+
+
+def publish_endpoint(base: str, replica: int) -> str:
+    """The endpoint replica ``replica`` of a stream's writer binds its publishing socket on: the
+    ``publish`` endpoint with the port increased by ``replica`` (tcp://). A non-tcp endpoint
+    (ipc://) is used as given, so graph validation allows it only for a one-replica writer."""
+    if replica == 0:
+        return base
+    if not base.startswith("tcp://"):
+        raise StreamcalError(
+            f"publish endpoint {base} is not tcp://: only a stage with one replica can publish on it"
+        )
+    host, _, port = base[len("tcp://"):].rpartition(":")
+    return f"tcp://{host}:{int(port) + replica}"
+
+
+def _publish_problems(spec: GraphSpec) -> list[str]:
+    """Every PUB socket of the run binds its own endpoint: a non-tcp ``publish`` endpoint takes
+    one writer replica only, and no two replicas (of any stream) get the same endpoint."""
+    problems: list[str] = []
+    bound: dict[str, tuple[str, str]] = {}  # endpoint -> (stream, replica key)
+    for sname, s in spec.streams.items():
+        if not s.publish:
+            continue
+        writers = spec.writers(sname)
+        if not s.publish.startswith("tcp://"):
+            for st, _ in writers:
+                if st.replicas > 1:
+                    problems.append(
+                        f"stream '{sname}': field 'publish': endpoint {s.publish} is not tcp://, so only one "
+                        f"replica can bind it, but {st.where()} writes the stream with {st.replicas} replicas "
+                        "(use a tcp:// endpoint: replica r publishes on its port + r)"
+                    )
+        for st, _ in writers:
+            for r in range(st.replicas if s.publish.startswith("tcp://") else 1):
+                ep = publish_endpoint(s.publish, r)
+                key = f"{st.name}/{r}"
+                if ep in bound:
+                    other_stream, other_key = bound[ep]
+                    problems.append(
+                        f"stream '{sname}': field 'publish': endpoint {ep} (writer {key}) is also bound by "
+                        + (f"stream '{other_stream}' (writer {other_key})" if other_stream != sname
+                           else f"writer {other_key} of this stream (a published stream can have one writer stage)")
+                    )
+                    continue
+                bound[ep] = (sname, key)
+    return problems
 
 
 def _cycles(spec: GraphSpec) -> list[str]:

@@ -29,7 +29,7 @@ import ray
 import zmq
 
 from streamcal.errors import StreamcalError
-from streamcal.graph import ClusterResources, GraphSpec, StreamSpec, validate_graph
+from streamcal.graph import ClusterResources, GraphSpec, StreamSpec, publish_endpoint, validate_graph
 from streamcal.metrics import merge_reports, summary_table
 from streamcal.schemas import REGISTRY
 from streamcal.stage import InputWiring, Source, StageContext, get_stage_class
@@ -39,6 +39,7 @@ __all__ = ["RunResult", "RunStuckError", "run_graph", "StageActor", "Coordinator
 
 log = logging.getLogger("streamcal.runtime")
 NAMESPACE = "streamcal"
+_SHUTDOWN_WAIT_S = 3.0  # how long the driver waits for the replicas to close their sockets
 
 
 class RunStuckError(StreamcalError):
@@ -86,10 +87,9 @@ def _schema_payload(names: set[str]) -> dict[str, tuple[bytes, tuple[str, ...], 
 
 
 def _publish_endpoint(base: str, replica: int) -> str:
-    if replica == 0 or not base.startswith("tcp://"):
-        return base
-    host, _, port = base[len("tcp://"):].rpartition(":")
-    return f"tcp://{host}:{int(port) + replica}"
+    """The endpoint a writer replica publishes on (tcp://: the port + ``replica``; a non-tcp
+    endpoint takes replica 0 only, which graph validation enforces)."""
+    return publish_endpoint(base, replica)
 
 
 class _ActorImpl:
@@ -461,12 +461,19 @@ def run_graph(
         merged["edges"] = depth.rows()
         result = RunResult(run_id, reports, merged, time.monotonic() - t_start, status, problems)
     finally:
+        shutdowns = []
         for a in actors.values():
             try:
-                a.shutdown.remote()
+                shutdowns.append(a.shutdown.remote())
             except Exception:  # noqa: BLE001 - best effort
                 pass
-        time.sleep(0.2)
+        # let the replicas close their sockets (a published stream's last messages, its
+        # end-of-stream above all, still go out to subscribers for up to the publishing socket's linger)
+        try:
+            if shutdowns:
+                ray.wait(shutdowns, num_returns=len(shutdowns), timeout=_SHUTDOWN_WAIT_S)
+        except Exception:  # noqa: BLE001 - best effort
+            time.sleep(0.2)
         for a in actors.values():
             ray.kill(a, no_restart=True)
         if coord is not None:

@@ -53,6 +53,7 @@ _EVENT_CLOCK_WINDOW_NS = 24 * 3600 * 10**9
 _RESERVED_HEADER_KEYS = {"v", "stream", "seq", "producer", "kind", "t0_ns", "t1_ns", "sent_ns", "schema", "fp",
                          "lseq", "src", "origins", "inc"}
 _EVENT_CLOCK_SKEW_NS = 60 * 10**9
+_UNSET = object()
 
 SendFn = Callable[[str, Header, "pa.RecordBatch | None"], int]
 
@@ -177,6 +178,8 @@ class Stage:
         self.origins: dict[str, int] = {}
         self.errors = 0
         self._next_timer: int | None = None
+        self._timer_period: Any = _UNSET  # timer_period_ns(), read at first use (_period)
+        self._producer = context.producer
         self._max_t1 = 0
         self._reject_logged: dict[str, int] = defaultdict(int)
         self.done = False
@@ -193,7 +196,8 @@ class Stage:
         raise StreamcalError(f"stage kind '{self.kind}' has inputs but does not implement process()")
 
     def timer_period_ns(self) -> int | None:
-        """Event-time period of :meth:`on_timer`, or ``None`` for no timer."""
+        """Event-time period of :meth:`on_timer`, or ``None`` for no timer. Read once, when the
+        first message arrives (after :meth:`setup`)."""
         return None
 
     def on_timer(self, t_ns: int) -> None:
@@ -225,16 +229,8 @@ class Stage:
             )
         seq = self._seq[port]
         self._seq[port] = seq + 1
-        h = Header(
-            stream=self.ctx.outputs[port],
-            seq=seq,
-            producer=self.ctx.producer,
-            kind="data",
-            t0_ns=int(t0_ns),
-            t1_ns=int(t1_ns),
-            schema=info.name,
-            fp=info.fingerprint,
-        )
+        h = Header(self.ctx.outputs[port], seq, self._producer, "data", int(t0_ns), int(t1_ns), 0,
+                   info.name, info.fingerprint, wire.FORMAT_VERSION, {})
         if extra:
             clash = set(extra) & _RESERVED_HEADER_KEYS
             if clash:
@@ -259,11 +255,13 @@ class Stage:
             h = Header(stream=stream, seq=self._seq[port], producer=self.ctx.producer, kind="watermark",
                        t0_ns=int(t_ns), t1_ns=int(t_ns), schema=self._out_info[port].name,
                        fp=self._out_info[port].fingerprint)
+            if self.ctx.incarnation:  # like data and eos: link sequences count per incarnation
+                h.extra["inc"] = self.ctx.incarnation
             self._send(port, h, None)
 
     def _take_lineage(self, port: str, seq: int) -> dict[str, list[list[int]]]:
         if not self.ctx.inputs:  # a source: every message is an origin
-            return {self.ctx.producer: [[seq, seq]]}
+            return {self._producer: [[seq, seq]]}
         pend = self._pending_src[port]
         if not pend:
             return {}
@@ -312,34 +310,43 @@ class Stage:
         except WireError as exc:
             self._reject(port, exc.reason, str(exc))
             return
-        size = sum(len(f) for f in frames)
-        c.bytes += size
+        c.bytes += len(frames[0]) + len(frames[1])  # decode checked: exactly two frames
         slot = header.producer
-        inc = int(header.extra.get("inc", 0) or 0)
-        lseq = header.extra.get("lseq")
-        if isinstance(lseq, int):
-            key = (port, slot, inc)
-            expected = self._link_next.get(key)
-            if expected is None:
-                expected = 0 if (self.ctx.incarnation == 0 and inc == 0) else lseq
-            if lseq > expected:
-                c.gaps += lseq - expected
-            elif lseq < expected:
-                c.duplicates += 1
-            self._link_next[key] = max(expected, lseq + 1)
-        src = header.extra.get("src")
-        if isinstance(src, dict):
-            self._merge_lineage(src)
-        if header.kind == "data":
+        extra = header.extra
+        if extra:
+            inc = extra.get("inc", 0)
+            if type(inc) is not int:
+                try:
+                    inc = int(inc or 0)
+                except (TypeError, ValueError):  # not a number: taken as absent
+                    inc = 0
+            lseq = extra.get("lseq")
+            if isinstance(lseq, int):
+                key = (port, slot, inc)
+                expected = self._link_next.get(key)
+                if expected is None:
+                    expected = 0 if (self.ctx.incarnation == 0 and inc == 0) else lseq
+                if lseq > expected:
+                    c.gaps += lseq - expected
+                elif lseq < expected:
+                    c.duplicates += 1
+                self._link_next[key] = max(expected, lseq + 1)
+            src = extra.get("src")
+            if isinstance(src, dict):
+                self._merge_lineage(src)
+        kind = header.kind
+        if kind == "data":
             c.messages += 1
             c.latency.add(recv_ns - header.sent_ns)
-            if recv_ns - _EVENT_CLOCK_WINDOW_NS < header.t1_ns <= recv_ns + _EVENT_CLOCK_SKEW_NS:
+            t1 = header.t1_ns
+            if recv_ns - _EVENT_CLOCK_WINDOW_NS < t1 <= recv_ns + _EVENT_CLOCK_SKEW_NS:
                 # event time on the wall clock (live data): how long after the event it arrived.
                 # Simulated streams with event time from 0 have no such latency.
-                c.event_latency.add(recv_ns - header.t1_ns)
-            self._max_t1 = max(self._max_t1, header.t1_ns)
+                c.event_latency.add(recv_ns - t1)
+            if t1 > self._max_t1:
+                self._max_t1 = t1
             if not process:
-                self._advance(port, slot, header.t1_ns)
+                self._advance(port, slot, t1)
                 return
             t_start = time.perf_counter_ns()
             try:
@@ -355,12 +362,12 @@ class Stage:
                     self.log.error("stage '%s': %d batches failed so far; latest from %s seq %d: %s",
                                    self.ctx.stage, self.errors, slot, header.seq, exc)
             self.metrics.process_ns += time.perf_counter_ns() - t_start
-            self._advance(port, slot, header.t1_ns)
-        elif header.kind == "watermark":
+            self._advance(port, slot, t1)
+        elif kind == "watermark":
             self._max_t1 = max(self._max_t1, header.t1_ns)
             self._advance(port, slot, header.t1_ns)
-        elif header.kind == "eos":
-            origins = header.extra.get("origins")
+        elif kind == "eos":
+            origins = extra.get("origins")
             if isinstance(origins, dict):
                 for o, n in origins.items():
                     if isinstance(o, str) and isinstance(n, int):
@@ -381,6 +388,19 @@ class Stage:
                              self.ctx.stage, port, c.rejects[reason], message)
 
     def _merge_lineage(self, src: dict[str, Any]) -> None:
+        if len(src) == 1:
+            # fast path: one origin with one range, what a source puts on every message
+            for origin, ranges in src.items():
+                pass
+            if type(origin) is str and type(ranges) is list and len(ranges) == 1:
+                r = ranges[0]
+                if type(r) is list and len(r) == 2:
+                    lo, hi = r
+                    if type(lo) is int and type(hi) is int:
+                        self.reached[origin].add(lo, hi)
+                        for pend in self._pending_src.values():
+                            pend[origin].add(lo, hi)
+                        return
         for origin, ranges in src.items():
             if not isinstance(origin, str) or not isinstance(ranges, list):
                 continue
@@ -400,7 +420,16 @@ class Stage:
         key = (port, slot)
         if t_ns > self._marks.get(key, -1):
             self._marks[key] = t_ns
+        if self._timer_period is None:  # no timer (the common case): nothing to fire
+            return
         self._fire_timers()
+
+    def _period(self) -> int | None:
+        """:meth:`timer_period_ns`, read once (at the first message, after :meth:`setup`)."""
+        period = self._timer_period
+        if period is _UNSET:
+            period = self._timer_period = self.timer_period_ns()
+        return period
 
     def input_watermark(self) -> int | None:
         """Event time up to which every expected producer has sent (``None`` before all have)."""
@@ -416,7 +445,7 @@ class Stage:
         return min(marks) if marks else None
 
     def _fire_timers(self, upto: int | None = None) -> None:
-        period = self.timer_period_ns()
+        period = self._period()
         if not period:
             return
         wm = self.input_watermark() if upto is None else upto

@@ -1,5 +1,5 @@
 """ZeroMQ data plane: output edges (ROUTER, bound by the writer) and input edges (DEALER,
-connected by the reader), plus the latest-only PUB socket for external subscribers.
+connected by the reader), plus the latest-only publishing (XPUB) socket for external subscribers.
 
 Topology of one stream written by W replicas and read by stages R1..Rk (each with replicas):
 
@@ -15,7 +15,11 @@ Topology of one stream written by W replicas and read by stages R1..Rk (each wit
 * backpressure: ``SNDHWM``/``RCVHWM`` bound each link's queue; when every replica's queue is
   full the writer waits (blocking), and reports the edge by name after ``stall_timeout_s``;
 * latest-only links never block the writer: a message that finds the link full is dropped and
-  counted, and its lineage is carried by the next message on that link.
+  counted, and its lineage is carried by the next message on that link;
+* a published stream also goes to an ``XPUB`` socket (``XPUB_NODROP``, non-blocking sends): a
+  message that a subscriber has no room for is not published and is counted as dropped, so the
+  graph never waits for an external subscriber; only the end-of-stream is retried, for a
+  bounded time (``publish_eos_timeout_s``).
 
 Every message on a link carries ``lseq`` (link sequence, gap-free per writer -> reader replica).
 The sockets only move bytes; decoding and checks happen in :mod:`streamcal.stage`.
@@ -40,6 +44,13 @@ __all__ = ["ReaderGroup", "OutputEdge", "InputEdge", "HELLO", "StopRequested", "
 log = logging.getLogger("streamcal.transport")
 
 HELLO = b"hello"
+
+# plain-int flags: pyzmq's send_multipart combines enum flags per frame, which costs more than
+# the send itself for small messages
+_NB = int(zmq.NOBLOCK)
+_MORE_NB = int(zmq.SNDMORE | zmq.NOBLOCK)
+_COPY_THRESHOLD = 65536  # payloads from this size on are sent zero-copy
+_ABSENT = object()
 
 
 class StopRequested(Exception):
@@ -82,6 +93,8 @@ class OutputEdge:
         port: int = 0,
         publish: str | None = None,
         publish_hwm: int = 4,
+        publish_eos_timeout_s: float = 5.0,
+        publish_linger_ms: int = 1000,
         stall_timeout_s: float = 30.0,
         counters: EdgeCounters | None = None,
         should_abort: Callable[[], bool] = lambda: False,
@@ -101,10 +114,17 @@ class OutputEdge:
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.endpoint = bind_socket(self.sock, interface, port)
         self.pub: zmq.Socket | None = None
+        self.publish_eos_timeout_s = publish_eos_timeout_s
+        self.publish_linger_ms = publish_linger_ms
         if publish:
-            self.pub = zctx.socket(zmq.PUB)
+            # XPUB + NODROP: a send that finds a subscriber's queue full fails (zmq.Again) instead
+            # of being dropped silently, so drops are counted; sends are non-blocking
+            self.pub = zctx.socket(zmq.XPUB)
+            self.pub.setsockopt(zmq.XPUB_NODROP, 1)
             self.pub.setsockopt(zmq.SNDHWM, publish_hwm)
-            self.pub.setsockopt(zmq.LINGER, 0)
+            self.pub.setsockopt(zmq.LINGER, publish_linger_ms)
+            if publish.startswith("tcp://["):
+                self.pub.setsockopt(zmq.IPV6, 1)
             self.pub.bind(publish)
         self._lseq: dict[bytes, int] = {i: 0 for g in readers for i in g.identities}
         self._rr: dict[str, int] = {g.stage: 0 for g in readers}
@@ -115,6 +135,8 @@ class OutputEdge:
     # ------------------------------------------------------------------ control
     def poll_control(self) -> None:
         """Read hellos from readers (non-blocking); re-send end-of-stream to late ones."""
+        if self.pub is not None:
+            self._drain_subscriptions()
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -128,6 +150,14 @@ class OutputEdge:
                              self.label, ident.decode(errors="replace"))
                     self._send_blocking(ident, self._eos, b"", stall_limit=self.stall_timeout_s)
 
+    def _drain_subscriptions(self) -> None:
+        """Discard the (un)subscription messages that an XPUB socket hands up."""
+        while True:
+            try:
+                self.pub.recv(_NB)
+            except zmq.Again:
+                return
+
     # ------------------------------------------------------------------ data
     def send(self, header: Header, batch: pa.RecordBatch | None) -> int:
         """Route one message (data: one replica per reader stage; others: every replica)."""
@@ -135,23 +165,51 @@ class OutputEdge:
         if header.sent_ns == 0:
             header.sent_ns = wire.now_ns()
         nbytes = 0
-        if header.kind == "eos":
+        kind = header.kind
+        if kind == "eos":
             self._eos = header
         for group in self.readers:
-            if header.kind == "data":
+            if kind == "data":
                 nbytes = self._send_balanced(group, header, payload)
             else:
                 for ident in group.identities:
                     nbytes = self._send_blocking(ident, header, payload, stall_limit=None)
-        if self.pub is not None and header.kind in ("data", "eos"):
+        if self.pub is not None and (kind == "data" or kind == "eos"):
             header.extra.pop("lseq", None)
-            frames = [wire.encode_header(header), payload]
-            try:
-                self.pub.send_multipart(frames, zmq.NOBLOCK, copy=len(payload) < 65536)
-            except zmq.Again:
-                self.counters.dropped += 1
-            nbytes = nbytes or len(frames[0]) + len(payload)
+            raw = wire.encode_header(header)
+            if kind == "data":
+                if not self._publish(raw, payload):
+                    self.counters.dropped += 1
+            else:
+                self._publish_eos(raw)
+            nbytes = nbytes or len(raw) + len(payload)
         return nbytes
+
+    def _publish(self, raw_header: bytes, payload) -> bool:
+        """One non-blocking send on the XPUB socket; False when a subscriber has no room."""
+        try:
+            self.pub.send(raw_header, _MORE_NB)
+        except zmq.Again:
+            return False
+        # the first frame was accepted: ZeroMQ takes the rest of the message (the queue bound
+        # counts whole messages)
+        self.pub.send(payload, _NB, copy=len(payload) < _COPY_THRESHOLD)
+        return True
+
+    def _publish_eos(self, raw_header: bytes) -> None:
+        """Publish the end-of-stream, retrying while a subscriber's queue is full, for at most
+        ``publish_eos_timeout_s`` (a stuck subscriber never holds the graph for longer)."""
+        t0 = time.monotonic()
+        delay = 50e-6
+        while not self._publish(raw_header, b""):
+            if time.monotonic() - t0 > self.publish_eos_timeout_s or self.should_abort():
+                self.counters.dropped += 1
+                log.warning("edge %s: a subscriber took no message for %.1f s; its end-of-stream is dropped",
+                            self.label, time.monotonic() - t0)
+                return
+            self.poll_control()
+            time.sleep(delay)
+            delay = min(delay * 2, 5e-3)
 
     def send_raw(self, frames: list) -> None:
         """Route pre-built frames like a data message (one replica per reader stage)."""
@@ -179,25 +237,45 @@ class OutputEdge:
                 t_block = self._wait(t_block, group.stage, delay)
                 delay = min(delay * 2, 5e-3)
 
-    def _frames(self, ident: bytes, header: Header, payload) -> list:
-        header.extra["lseq"] = self._lseq[ident]
-        carry = self._carry.pop(ident, None)
-        if carry:
-            src = header.extra.setdefault("src", {})
-            for o, ranges in carry.items():
-                src[o] = ranges + src.get(o, [])
-        return [ident, wire.encode_header(header), payload]
-
-    def _try(self, frames: list) -> bool:
+    def _header(self, ident: bytes, header: Header) -> tuple[bytes, dict | None]:
+        """The header as sent on one link: with that link's ``lseq`` and, merged into ``src``, the
+        lineage carried from messages dropped on it. Returns (encoded header, the ``src`` sent).
+        ``header`` itself keeps its own ``src``: the carry belongs to this link only."""
+        extra = header.extra
+        extra["lseq"] = self._lseq[ident]
+        carry = self._carry.pop(ident, None) if self._carry else None
+        if not carry:
+            return wire.encode_header(header), extra.get("src")
+        own = extra.get("src", _ABSENT)
+        merged = {o: list(r) for o, r in carry.items()}
+        if isinstance(own, dict):
+            for o, ranges in own.items():
+                merged[o] = merged.get(o, []) + list(ranges)
+        extra["src"] = merged
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[2]) < 65536)
-            return True
+            raw = wire.encode_header(header)
+        finally:
+            if own is _ABSENT:
+                del extra["src"]
+            else:
+                extra["src"] = own
+        return raw, merged
+
+    def _try(self, ident: bytes, raw_header: bytes, payload) -> bool:
+        send = self.sock.send
+        try:
+            send(ident, _MORE_NB)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 return False
             raise
+        # the routing frame was accepted (the reader is there and its queue has room): the rest
+        # of the message follows without failing
+        send(raw_header, _MORE_NB)
+        send(payload, _NB, copy=len(payload) < _COPY_THRESHOLD)
+        return True
 
     def _send_balanced(self, group: ReaderGroup, header: Header, payload) -> int:
         n = len(group.identities)
@@ -205,36 +283,34 @@ class OutputEdge:
         if group.latest_only:
             ident = group.identities[start % n]
             self._rr[group.stage] = (start + 1) % n
-            src = header.extra.get("src")
-            frames = self._frames(ident, header, payload)
-            if self._try(frames):
+            raw, src = self._header(ident, header)
+            if self._try(ident, raw, payload):
                 self._lseq[ident] += 1
             else:
                 self.counters.dropped += 1
-                if src:
+                if src:  # the next message on this link carries the dropped one's lineage
                     self._carry[ident] = {o: list(r) for o, r in src.items()}
-                header.extra["src"] = src
-            return len(frames[1]) + len(payload)
+            return len(raw) + len(payload)
         t_block = None
         delay = 50e-6
         while True:
             for k in range(n):
                 ident = group.identities[(start + k) % n]
-                frames = self._frames(ident, header, payload)
-                if self._try(frames):
+                raw, _ = self._header(ident, header)
+                if self._try(ident, raw, payload):
                     self._lseq[ident] += 1
                     self._rr[group.stage] = (start + k + 1) % n
                     if t_block is not None:
                         self.counters.stalled_s += time.monotonic() - t_block
-                    return len(frames[1]) + len(payload)
+                    return len(raw) + len(payload)
             t_block = self._wait(t_block, group.stage, delay)
             delay = min(delay * 2, 5e-3)
 
     def _send_blocking(self, ident: bytes, header: Header, payload, stall_limit: float | None) -> int:
-        frames = self._frames(ident, header, payload)
+        raw, _ = self._header(ident, header)
         t_block = None
         delay = 50e-6
-        while not self._try(frames):
+        while not self._try(ident, raw, payload):
             t_block = self._wait(t_block, ident.decode(errors="replace"), delay)
             delay = min(delay * 2, 5e-3)
             if stall_limit is not None and time.monotonic() - t_block > stall_limit:
@@ -244,7 +320,7 @@ class OutputEdge:
         self._lseq[ident] += 1
         if t_block is not None:
             self.counters.stalled_s += time.monotonic() - t_block
-        return len(frames[1]) + len(payload)
+        return len(raw) + len(payload)
 
     def _wait(self, t_block: float | None, target: str, delay: float) -> float:
         now = time.monotonic()
@@ -266,7 +342,8 @@ class OutputEdge:
     def close(self) -> None:
         self.sock.close(linger=1000)
         if self.pub is not None:
-            self.pub.close(linger=0)
+            # queued messages (the end-of-stream above all) still reach subscribers for a while
+            self.pub.close(linger=self.publish_linger_ms)
 
 
 class InputEdge:
@@ -296,9 +373,15 @@ class InputEdge:
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
-    """Receive one multipart message as [header bytes, payload buffer] (payload zero-copy)."""
-    parts = sock.recv_multipart(flags, copy=False)
-    return [p.bytes if i == 0 else p.buffer for i, p in enumerate(parts)]
+    """Receive one multipart message as [header bytes, payload buffer] (payload zero-copy).
+    Any further frames come as buffers too (the receiver rejects such a message)."""
+    recv = sock.recv
+    frame = recv(flags, copy=False)
+    out = [frame.bytes]
+    while frame.more:  # the parts of a message arrive together: no further wait
+        frame = recv(flags, copy=False)
+        out.append(frame.buffer)
+    return out
 
 
 def subscriber(zctx: zmq.Context, endpoint: str, *, hwm: int = 4) -> zmq.Socket:

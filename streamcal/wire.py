@@ -11,6 +11,7 @@ Arrow's built-in (C++) canonical extension types are used.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,8 +94,15 @@ class Header:
         return d
 
 
+_TLS = threading.local()  # one reusable msgpack packer per thread
+
+
 def encode_header(h: Header) -> bytes:
-    return msgpack.packb(h.to_dict(), use_bin_type=True)
+    try:
+        packer = _TLS.packer
+    except AttributeError:
+        packer = _TLS.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(h.to_dict())
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -111,6 +119,37 @@ def decode_header(raw: bytes | memoryview) -> Header:
         raise
     except Exception as exc:  # msgpack raises several types for garbage
         raise WireError("header", f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    # fast path: a well-formed header (exact types: msgpack yields plain int/str, and bool is
+    # not an int here). Anything else goes through _validate, which words the error.
+    if type(d) is dict:
+        try:
+            v = d["v"]
+            stream = d["stream"]
+            seq = d["seq"]
+            producer = d["producer"]
+            kind = d["kind"]
+            t0_ns = d["t0_ns"]
+            t1_ns = d["t1_ns"]
+            sent_ns = d["sent_ns"]
+            schema = d["schema"]
+            fp = d["fp"]
+        except KeyError:
+            pass
+        else:
+            if (
+                v == FORMAT_VERSION and type(v) is int and type(stream) is str and type(seq) is int
+                and type(producer) is str and type(kind) is str and type(t0_ns) is int
+                and type(t1_ns) is int and type(sent_ns) is int and type(schema) is str
+                and type(fp) is str and kind in _KIND_SET and seq >= 0
+            ):
+                extra = {k: val for k, val in d.items() if k not in _KNOWN} if len(d) > _N_REQUIRED else {}
+                return Header(stream, seq, producer, kind, t0_ns, t1_ns, sent_ns, schema, fp, v, extra)
+    return _validate(d)
+
+
+def _validate(d: Any) -> Header:
+    """The full, ordered checks of a decoded header (docs/wire-format.md section 8): raises the
+    first problem found as a :class:`WireError`; returns the header if there is none."""
     if not isinstance(d, dict):
         raise WireError("header", f"header must be a msgpack map, got {type(d).__name__}")
     v = d.get("v")
@@ -145,13 +184,42 @@ def decode_header(raw: bytes | memoryview) -> Header:
 
 
 _KNOWN = frozenset(k for k, _ in _REQUIRED)
+_N_REQUIRED = len(_REQUIRED)
+_KIND_SET = frozenset(KINDS)
+# fixed IPC write options: the current (non-legacy) stream format with V5 metadata, whatever the
+# ARROW_PRE_* environment variables say (pa.ipc.new_stream reads them on every call)
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(metadata_version=pa.ipc.MetadataVersion.V5, use_legacy_format=False)
+_READ_OPTIONS = pa.ipc.IpcReadOptions()
+
+
+_IPC_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # end-of-stream marker of the IPC stream format
+_SMALL_PAYLOAD = 65536
+_SCHEMA_MESSAGES: tuple[tuple[pa.Schema, bytes], ...] = ()  # newest first; replaced, never mutated
+
+
+def _schema_message(schema: pa.Schema) -> bytes:
+    """The encapsulated IPC Schema message of ``schema`` (cached: a stage emits few schemas)."""
+    global _SCHEMA_MESSAGES
+    for known, message in _SCHEMA_MESSAGES:
+        if known.equals(schema, check_metadata=True):
+            return message
+    message = schema.serialize().to_pybytes()
+    _SCHEMA_MESSAGES = ((schema, message),) + _SCHEMA_MESSAGES[:15]
+    return message
 
 
 def encode_payload(batch: pa.RecordBatch) -> pa.Buffer:
     """One Arrow IPC stream (schema message, one record batch, end-of-stream marker)."""
+    if batch.get_total_buffer_size() < _SMALL_PAYLOAD:
+        # the same bytes as the stream writer below (default IPC write options), without its
+        # per-call setup: the schema message is cached, the batch message appended to it
+        return pa.py_buffer(_schema_message(batch.schema) + batch.serialize().to_pybytes() + _IPC_EOS)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
+    writer = pa.ipc.RecordBatchStreamWriter(sink, batch.schema, options=_WRITE_OPTIONS)
+    try:
         writer.write_batch(batch)
+    finally:
+        writer.close()
     return sink.getvalue()
 
 
@@ -170,10 +238,57 @@ def _check_finite(batch: pa.RecordBatch, info: SchemaInfo) -> None:
             raise WireError("nan", f"column '{name}' holds {bad} NaN/inf value(s)")
 
 
+_IPC_EOS_BUFFER = pa.py_buffer(_IPC_EOS)
+_IPC_CONTINUATION = pa.py_buffer(_IPC_EOS[:4])
+_REGISTERED_SCHEMA_MESSAGES: dict[str, tuple[pa.Schema, pa.Buffer]] = {}
+
+
+def _registered_schema_message(info: SchemaInfo) -> pa.Buffer:
+    hit = _REGISTERED_SCHEMA_MESSAGES.get(info.name)
+    if hit is None or hit[0] is not info.schema:
+        hit = _REGISTERED_SCHEMA_MESSAGES[info.name] = (info.schema, info.schema.serialize())
+    return hit[1]
+
+
+def _decode_exact(buf: pa.Buffer, info: SchemaInfo) -> pa.RecordBatch | None:
+    """The common payload in one pass: the registered schema's own Schema message (byte for
+    byte, as streamcal writes it), one record batch message, then the end-of-stream marker or
+    nothing. ``None`` for anything else: the full reader below then decides (and words the
+    error), so this only ever accepts what that reader accepts."""
+    head = _registered_schema_message(info)
+    n = head.size
+    if buf.size < n + 8 or not buf.slice(0, n).equals(head) or not buf.slice(n, 4).equals(_IPC_CONTINUATION):
+        return None
+    try:
+        message = pa.ipc.read_message(buf.slice(n))
+        if message.type != "record batch":
+            return None
+        end = n + 8 + message.metadata.size + message.body.size  # continuation + length, metadata, body
+        rest = buf.size - end
+        if rest != 0 and not (rest == 8 and buf.slice(end).equals(_IPC_EOS_BUFFER)):
+            return None
+        batch = pa.ipc.read_record_batch(message, info.schema)
+        batch.validate(full=False)
+    except Exception:
+        return None
+    if info.finite:
+        _check_finite(batch, info)
+    return batch
+
+
 def decode_payload(payload: bytes | memoryview | pa.Buffer, info: SchemaInfo) -> pa.RecordBatch:
     """Parse one IPC stream and check it against the registered schema ``info``."""
+    buf = payload if isinstance(payload, pa.Buffer) else pa.py_buffer(payload)
+    batch = _decode_exact(buf, info)
+    if batch is not None:
+        return batch
+    return _decode_stream(buf, info)
+
+
+def _decode_stream(buf: pa.Buffer, info: SchemaInfo) -> pa.RecordBatch:
+    """Any IPC stream: read with Arrow's stream reader, every check in order."""
     try:
-        reader = pa.ipc.open_stream(pa.py_buffer(payload) if not isinstance(payload, pa.Buffer) else payload)
+        reader = pa.ipc.RecordBatchStreamReader(buf, options=_READ_OPTIONS)
         schema = reader.schema
     except Exception as exc:
         raise WireError("payload", f"payload is not an Arrow IPC stream ({exc})") from None
