@@ -4,7 +4,7 @@ Keeps the 1D IDCs of the last ion drift time (200 intervals) and, when the last 
 frame arrives, publishes the frame's correction fluctuation (dr, drphi, dz in cm on the grid):
 
 * ``method: linear``: the production baseline, the average correction scaled by the relative
-  1D IDC change (:func:`~streamcal.detectors.tpc.streams.linear_scaler`);
+  1D IDC change (:func:`~streamcal.detectors.tpc.tasks.linear_scaler`);
 * ``method: model``: a trained 1D model (``checkpoint``).
 
 Bad input: NaN or wrongly shaped slices are rejected at the edge (schema); an interval that is
@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from streamcal.config import Config
 from streamcal.detectors.tpc.constants import parse_grid
-from streamcal.detectors.tpc.streams import average_correction, correction_schema, idc_schema, linear_scaler
+from streamcal.detectors.tpc.streams import average_correction, correction_schema, idc_schema
 from streamcal.schemas import tensor_column
 from streamcal.stage import Stage, register_stage
 from streamcal.wire import Header
@@ -84,6 +84,8 @@ class TPCSC1D(Stage):
         self.frames = self.degraded = self.out_of_order = self.missing = 0
         self.compute_ns: list[int] = []
         if cfg.method == "linear":
+            from streamcal.detectors.tpc.tasks import linear_scaler
+
             self.avg = average_correction(self.grid).astype(np.float32)
             self.predict = lambda h: linear_scaler(self.avg, h)
         else:
@@ -132,10 +134,15 @@ class TPCSC1D(Stage):
         n_seen = min(self.last + 1, cfg.history) if self.last is not None else 0
         history = np.roll(self.idc, -((self.last + 1) % cfg.history)) if self.last is not None else self.idc
         history = history[-n_seen:] if n_seen else history
+        if n_seen < cfg.history:
+            # the stream started less than one drift time ago: the earlier intervals are unknown,
+            # taken as the mean of those seen, and the frame is marked degraded
+            fill = float(history.mean()) if n_seen else 1.0
+            history = np.concatenate([np.full(cfg.history - n_seen, fill), history])
         missing = int(n_seen - self.present[: cfg.history].sum()) if n_seen == cfg.history else int(
             n_seen - self.present.sum())
         missing = max(missing, 0)
-        degraded = (not complete) or missing > 0 or self.frame_slices < cfg.frame_intervals
+        degraded = (not complete) or missing > 0 or self.frame_slices < cfg.frame_intervals or n_seen < cfg.history
         corr = np.asarray(self.predict(history), dtype=np.float32)
         batch = pa.RecordBatch.from_arrays(
             [pa.array([frame], pa.int64()), tensor_column(corr[None]), pa.array([self.frame_slices], pa.int32()),

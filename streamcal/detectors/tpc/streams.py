@@ -20,7 +20,7 @@ import pyarrow as pa
 from streamcal.detectors.tpc.constants import Grid, parse_grid
 from streamcal.schemas import SchemaInfo, register_schema, tensor_type
 
-__all__ = ["idc_schema", "correction_schema", "average_correction", "linear_scaler"]
+__all__ = ["idc_schema", "correction_schema", "average_correction"]
 
 
 def idc_schema(grid: Grid | str) -> SchemaInfo:
@@ -64,10 +64,3 @@ def average_correction(grid: Grid | str, density_config=None) -> np.ndarray:
     g = parse_grid(grid)
     rho = torch.as_tensor(average_density(g, density_config), dtype=torch.float64)
     return space_charge_distortions(rho, g, corrections=True).correction.numpy()
-
-
-def linear_scaler(avg_correction: np.ndarray, idc1d_history: np.ndarray, idc1d_average: float | np.ndarray = 1.0) -> np.ndarray:
-    """The production baseline: the average correction scaled by the relative change of the 1D
-    IDC over the last ion drift time, ``avg * (<IDC> / <IDC_avg> - 1)`` (the fluctuation part)."""
-    ratio = float(np.mean(idc1d_history)) / float(np.mean(idc1d_average))
-    return avg_correction * (ratio - 1.0)
