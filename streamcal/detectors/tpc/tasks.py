@@ -43,6 +43,8 @@ scaled by the relative change of the 1D IDC integrated over the last ion drift t
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 import math
@@ -343,8 +345,9 @@ def _subset(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[: min(size, n)])
 
 
-class _Base:
-    """Shared parts of the TPC tasks (see :class:`streamcal.train.Task`)."""
+class _Base(abc.ABC):
+    """Shared parts of the TPC tasks (see :class:`streamcal.train.Task`); each task defines
+    :meth:`batch`."""
 
     name: str = ""
     config: Any
@@ -381,8 +384,9 @@ class _Base:
         for start in range(0, n, batch_size):
             yield self.batch(self.eval_data, np.arange(start, min(n, start + batch_size)), train=False)  # type: ignore[arg-type]
 
+    @abc.abstractmethod
     def batch(self, data: FluctuationData, index: np.ndarray, *, train: bool) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """Model inputs and targets of samples ``index`` of ``data`` as tensors."""
 
     def metrics(self, sums: dict[str, Tensor]) -> dict[str, Any]:
         count = float(sums["count"])
