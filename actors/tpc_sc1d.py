@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from streamcal.config import Config
 from streamcal.detectors.tpc.constants import parse_grid
-from streamcal.detectors.tpc.streams import average_correction, correction_schema, idc_schema
+from streamcal.detectors.tpc.streams import IntervalRing, average_correction, correction_schema, idc_schema
 from streamcal.schemas import tensor_column
 from streamcal.stage import Stage, register_stage
 from streamcal.wire import Header
@@ -74,9 +74,7 @@ class TPCSC1D(Stage):
         cfg: TPCSC1DConfig = self.config
         self.grid = parse_grid(cfg.grid)
         self.schema = correction_schema(cfg.grid).schema
-        self.idc = np.ones(cfg.history)  # ring of 1D IDCs, indexed by interval % history
-        self.present = np.zeros(cfg.history, dtype=bool)  # did this slot's interval arrive
-        self.last: int | None = None  # last interval received
+        self.ring = IntervalRing(cfg.history, fill=1.0)  # the 1D IDCs of the last drift time
         self.frame: int | None = None  # frame of the last interval
         self.frame_slices = 0
         self.frame_t0 = 0
@@ -100,28 +98,19 @@ class TPCSC1D(Stage):
         values = batch.column("idc1d").to_numpy()
         dt = (header.t1_ns - header.t0_ns) // max(len(intervals), 1)
         for i, (k, v) in enumerate(zip(intervals.tolist(), values.tolist())):
-            if self.last is not None and k <= self.last:
+            if self.ring.last is not None and k <= self.ring.last:
                 self.out_of_order += 1
                 self.metrics.inputs[port].rejects["out_of_order"] += 1
-                log.warning("%s: IDC interval %d after %d rejected (out of order)", self.ctx.producer, k, self.last)
+                log.warning("%s: IDC interval %d after %d rejected (out of order)", self.ctx.producer, k, self.ring.last)
                 continue
             f = k // cfg.frame_intervals
             if self.frame is not None and f != self.frame:
                 # the previous frame's last interval never came: publish it, degraded
                 self._publish(self.frame, complete=False)
-            if self.last is not None and k > self.last + 1:
-                gap = k - self.last - 1
-                self.missing += gap
-                fill = self.idc[self.last % cfg.history]
-                for j in range(self.last + 1, min(k, self.last + 1 + cfg.history)):
-                    self.idc[j % cfg.history] = fill
-                    self.present[j % cfg.history] = False
+            self.missing += self.ring.put(k, v)
             if self.frame != f:
                 self.frame, self.frame_slices = f, 0
                 self.frame_t0 = header.t0_ns + i * dt - (k % cfg.frame_intervals) * dt
-            self.idc[k % cfg.history] = v
-            self.present[k % cfg.history] = True
-            self.last = k
             self.frame_slices += 1
             self.frame_dt = dt
             self.last_sent_ns = header.sent_ns
@@ -131,17 +120,14 @@ class TPCSC1D(Stage):
     def _publish(self, frame: int, *, complete: bool) -> None:
         cfg: TPCSC1DConfig = self.config
         t = time.perf_counter_ns()
-        n_seen = min(self.last + 1, cfg.history) if self.last is not None else 0
-        history = np.roll(self.idc, -((self.last + 1) % cfg.history)) if self.last is not None else self.idc
-        history = history[-n_seen:] if n_seen else history
+        n_seen = self.ring.seen
+        history = self.ring.ordered()
         if n_seen < cfg.history:
             # the stream started less than one drift time ago: the earlier intervals are unknown,
             # taken as the mean of those seen, and the frame is marked degraded
             fill = float(history.mean()) if n_seen else 1.0
             history = np.concatenate([np.full(cfg.history - n_seen, fill), history])
-        missing = int(n_seen - self.present[: cfg.history].sum()) if n_seen == cfg.history else int(
-            n_seen - self.present.sum())
-        missing = max(missing, 0)
+        missing = self.ring.missing
         degraded = (not complete) or missing > 0 or self.frame_slices < cfg.frame_intervals or n_seen < cfg.history
         corr = np.asarray(self.predict(history), dtype=np.float32)
         batch = pa.RecordBatch.from_arrays(

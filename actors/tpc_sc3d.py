@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from streamcal.config import Config
 from streamcal.detectors.tpc.constants import parse_grid
-from streamcal.detectors.tpc.streams import correction_schema, idc_schema
+from streamcal.detectors.tpc.streams import IntervalRing, correction_schema, idc_schema
 from streamcal.schemas import tensor_column, tensor_to_numpy
 from streamcal.stage import Stage, register_stage
 from streamcal.wire import Header
@@ -85,9 +85,7 @@ class TPCSC3D(Stage):
         self.schema = correction_schema(cfg.grid).schema
         self.live = LiveTPC(self.grid, warm=False)  # constants: readout <-> IDC, drift time
         self.n_t = self.live.n_t
-        self.readout = np.zeros((self.n_t, self.grid.nphi, self.grid.nr))
-        self.present = np.zeros(self.n_t, dtype=bool)
-        self.last: int | None = None
+        self.ring = IntervalRing(self.n_t, (self.grid.nphi, self.grid.nr))  # readout signal per interval
         self.average = average_density(self.grid, self.live.config)
         self.queue: list[dict] = []  # frames waiting for inference
         self.pre: dict[int, np.ndarray] = {}  # 1D corrections by frame
@@ -127,19 +125,12 @@ class TPCSC3D(Stage):
         maps = tensor_to_numpy(batch.column("idc2d"))
         dt = (header.t1_ns - header.t0_ns) // max(batch.num_rows, 1)
         for i, k in enumerate(batch.column("interval").to_pylist()):
-            if self.last is not None and k <= self.last:
+            gap = self.ring.put(k, self.live.readout_from_idc(maps[i]))
+            if gap < 0:
                 self.out_of_order += 1
                 self.metrics.inputs[port].rejects["out_of_order"] += 1
                 continue
-            if self.last is not None and k > self.last + 1:
-                self.missing += k - self.last - 1
-                fill = self.readout[self.last % self.n_t]
-                for j in range(self.last + 1, min(k, self.last + 1 + self.n_t)):
-                    self.readout[j % self.n_t] = fill
-                    self.present[j % self.n_t] = False
-            self.readout[k % self.n_t] = self.live.readout_from_idc(maps[i])
-            self.present[k % self.n_t] = True
-            self.last = k
+            self.missing += gap
             if (k + 1) % cfg.frame_intervals == 0:
                 t1 = header.t0_ns + (i + 1) * dt
                 self._enqueue(k // cfg.frame_intervals, t1 - cfg.frame_intervals * dt, t1, header.sent_ns)
@@ -148,12 +139,13 @@ class TPCSC3D(Stage):
     def _enqueue(self, frame: int, t0: int, t1: int, sent_ns: int) -> None:
         from streamcal.detectors.tpc.density import density_from_readout
 
-        seen = min(self.last + 1, self.n_t)
-        missing = int(seen - self.present.sum()) if seen == self.n_t else int(seen - self.present[:seen].sum())
-        history = np.roll(self.readout, -((self.last + 1) % self.n_t), axis=0)
+        history = self.ring.ordered()
+        if self.ring.seen < self.n_t:  # before one drift time: nothing drifted in earlier (degraded)
+            history = np.concatenate([np.zeros((self.n_t - self.ring.seen, *history.shape[1:])), history])
         density = density_from_readout(history, self.grid, self.live.config)
+        missing = self.ring.missing
         self.queue.append({"frame": frame, "t0": t0, "t1": t1, "sent": sent_ns, "density": density,
-                           "missing": max(missing, 0), "degraded": seen < self.n_t or missing > 0})
+                           "missing": missing, "degraded": self.ring.seen < self.n_t or missing > 0})
 
     def _ready(self) -> list[dict]:
         """Frames that can be predicted now (residual models: those whose 1D correction arrived)."""
@@ -200,7 +192,7 @@ class TPCSC3D(Stage):
         done = {q["frame"] for q in items}
         self.queue = [q for q in self.queue if q["frame"] not in done]
         # 1D corrections of frames that will never come (older than everything queued) are dropped
-        oldest = self.queue[0]["frame"] if self.queue else (self.last or 0) // self.config.frame_intervals
+        oldest = self.queue[0]["frame"] if self.queue else (self.ring.last or 0) // self.config.frame_intervals
         for f in [f for f in self.pre if f < oldest - self.config.max_wait_frames]:
             del self.pre[f]
 

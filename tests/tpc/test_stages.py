@@ -147,3 +147,17 @@ def test_3d_stage_rebuilds_the_density_from_the_idc_history_exactly():
     got = tensor_to_numpy(frames[-1][1].column("correction"))[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert np.abs(want).max() > 1e-3  # a real fluctuation (> 10 um somewhere), not zeros
+
+
+def test_interval_ring_orders_fills_gaps_and_refuses_old_intervals():
+    from streamcal.detectors.tpc.streams import IntervalRing
+
+    r = IntervalRing(4)
+    assert r.seen == 0 and r.ordered().shape == (0,)
+    assert [r.put(k, float(k)) for k in (0, 1, 4)] == [0, 0, 2]  # 2 and 3 missing
+    assert r.put(3, 9.0) == -1 and r.put(4, 9.0) == -1
+    np.testing.assert_array_equal(r.ordered(), [1.0, 1.0, 1.0, 4.0])  # gaps hold the last value
+    assert r.seen == 4 and r.missing == 2
+    r.put(5, 5.0), r.put(6, 6.0)
+    assert r.missing == 1  # interval 3 is still in the window
+    np.testing.assert_array_equal(r.ordered(), [1.0, 4.0, 5.0, 6.0])

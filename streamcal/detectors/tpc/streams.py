@@ -14,13 +14,15 @@ schema), and the numerical pieces the stages share.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
 from streamcal.detectors.tpc.constants import Grid, parse_grid
 from streamcal.schemas import SchemaInfo, register_schema, tensor_type
 
-__all__ = ["idc_schema", "correction_schema", "average_correction"]
+__all__ = ["idc_schema", "correction_schema", "average_correction", "IntervalRing"]
 
 
 def idc_schema(grid: Grid | str) -> SchemaInfo:
@@ -64,3 +66,50 @@ def average_correction(grid: Grid | str, density_config=None) -> np.ndarray:
     g = parse_grid(grid)
     rho = torch.as_tensor(average_density(g, density_config), dtype=torch.float64)
     return space_charge_distortions(rho, g, corrections=True).correction.numpy()
+
+
+class IntervalRing:
+    """The values of the last ``length`` IDC intervals, indexed by interval number, as the
+    correction stages keep them: newer intervals only, gaps filled with the last value received
+    and remembered as missing.
+
+    ``put(k, value)`` returns the number of intervals missing before ``k`` (0 normally), or -1 when
+    ``k`` is not newer than the last interval (out of order: nothing is stored).
+    """
+
+    def __init__(self, length: int, shape: tuple[int, ...] = (), fill: float = 0.0) -> None:
+        self.length = int(length)
+        self.values = np.full((self.length, *shape), fill, dtype=np.float64)
+        self.present = np.zeros(self.length, dtype=bool)
+        self.last: int | None = None
+
+    def put(self, k: int, value: Any) -> int:
+        if self.last is not None and k <= self.last:
+            return -1
+        gap = 0
+        if self.last is not None and k > self.last + 1:
+            gap = k - self.last - 1
+            held = self.values[self.last % self.length].copy()
+            for j in range(self.last + 1, min(k, self.last + 1 + self.length)):
+                self.values[j % self.length] = held
+                self.present[j % self.length] = False
+        self.values[k % self.length] = value
+        self.present[k % self.length] = True
+        self.last = k
+        return gap
+
+    @property
+    def seen(self) -> int:
+        """Intervals covered so far, at most ``length``."""
+        return 0 if self.last is None else min(self.last + 1, self.length)
+
+    @property
+    def missing(self) -> int:
+        """Intervals in the window that never arrived (filled)."""
+        return int(self.seen - self.present.sum())
+
+    def ordered(self) -> np.ndarray:
+        """The covered intervals, oldest first: shape (seen, *shape)."""
+        if self.last is None:
+            return self.values[:0]
+        return np.roll(self.values, -((self.last + 1) % self.length), axis=0)[self.length - self.seen:]
