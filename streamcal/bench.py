@@ -133,7 +133,24 @@ class _BenchSink(Sink):
 
 
 # ---------------------------------------------------------------------------------- actors
-class _Sender:
+class _Socket:
+    """What both ends of a pair hold: a raw socket or a streamcal edge (one method at a time)."""
+
+    sock: Any = None
+    edge: Any = None
+    stage: Any = None
+
+    def close(self, method: str) -> None:
+        if method == "raw" and self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+        if method == "streamcal" and self.edge is not None:
+            self.edge.close()
+            self.edge = None
+            self.stage = None
+
+
+class _Sender(_Socket):
     """The writing end of all three paths (a plain class; wrapped as a Ray actor below)."""
 
     def __init__(self) -> None:
@@ -229,17 +246,8 @@ class _Sender:
             raise RuntimeError(f"ray path: {rows} rows arrived, {n * batch.num_rows} sent")
         return t0, t1
 
-    def close(self, method: str) -> None:
-        if method == "raw" and self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
-        if method == "streamcal" and self.edge is not None:
-            self.edge.close()
-            self.edge = None
-            self.stage = None
 
-
-class _Receiver:
+class _Receiver(_Socket):
     """The reading end of all three paths (a plain class; wrapped as a Ray actor below)."""
 
     def __init__(self) -> None:
@@ -315,14 +323,6 @@ class _Receiver:
         self.got += 1
         return batch.num_rows
 
-    def close(self, method: str) -> None:
-        if method == "raw" and self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
-        if method == "streamcal" and self.edge is not None:
-            self.edge.close()
-            self.edge = None
-            self.stage = None
 
 
 # ---------------------------------------------------------------------------------- driver
