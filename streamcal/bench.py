@@ -133,21 +133,27 @@ class _BenchSink(Sink):
 
 
 # ---------------------------------------------------------------------------------- actors
+def _node_token(method: str) -> str | None:
+    """The shared-memory token of a streamcal method: the Ray node id, as the runtime uses it."""
+    if method != "streamcal":
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class _Socket:
-    """What both ends of a pair hold: a raw socket or a streamcal edge (one method at a time)."""
+    """What both ends of a pair hold: a raw socket, streamcal edges (one per streamcal method)."""
 
     sock: Any = None
-    edge: Any = None
-    stage: Any = None
+    sc: dict[str, tuple[Any, Any]]
 
     def close(self, method: str) -> None:
         if method == "raw" and self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
-        if method == "streamcal" and self.edge is not None:
-            self.edge.close()
-            self.edge = None
-            self.stage = None
+        if method in self.sc:
+            self.sc.pop(method)[1].close()
 
 
 class _Sender(_Socket):
@@ -157,8 +163,7 @@ class _Sender(_Socket):
         self.zctx = zmq.Context()
         self.batch: pa.RecordBatch | None = None
         self.sock: zmq.Socket | None = None
-        self.edge: OutputEdge | None = None
-        self.stage: _BenchSource | None = None
+        self.sc: dict[str, tuple[_BenchSource, OutputEdge]] = {}
         self.seq = 0
         self.deadline = float("inf")
 
@@ -197,17 +202,18 @@ class _Sender(_Socket):
         return t0
 
     # (b) the streamcal data plane
-    def sc_open(self, hwm: int) -> str:
+    def sc_open(self, method: str, hwm: int) -> str:
         ctx = StageContext(stage="tx", kind=_BenchSource.kind, outputs={"out": _STREAM})
-        self.stage = _BenchSource(_NoConfig(), ctx)
-        self.edge = OutputEdge(self.zctx, _STREAM, [ReaderGroup(_READER, (_IDENTITY,))], hwm=hwm,
-                               counters=self.stage.metrics.outputs["out"], label="bench",
-                               stall_timeout_s=_STALL_S / 2, should_abort=lambda: time.monotonic() > self.deadline)
-        ctx.send = lambda port, header, batch: self.edge.send(header, batch)
-        return self.edge.endpoint
+        stage = _BenchSource(_NoConfig(), ctx)
+        edge = OutputEdge(self.zctx, _STREAM, [ReaderGroup(_READER, (_IDENTITY,))], hwm=hwm,
+                          counters=stage.metrics.outputs["out"], label="bench", stall_timeout_s=_STALL_S / 2,
+                          should_abort=lambda: time.monotonic() > self.deadline, shm_token=_node_token(method))
+        ctx.send = lambda port, header, batch: edge.send(header, batch)
+        self.sc[method] = (stage, edge)
+        return edge.endpoint
 
-    def sc_send(self, n: int) -> int:
-        stage, batch = self.stage, self.batch
+    def sc_send(self, method: str, n: int) -> int:
+        stage, batch = self.sc[method][0], self.batch
         self.deadline = time.monotonic() + _STALL_S + n * 1e-3
         t0 = _now()
         try:
@@ -219,12 +225,14 @@ class _Sender(_Socket):
             raise RuntimeError(f"streamcal path: the receiver took no message for {_STALL_S:.0f} s") from None
         return t0
 
-    def sc_eos(self) -> None:
+    def sc_eos(self, method: str) -> dict[str, int]:
         self.deadline = time.monotonic() + 10.0
+        stage, edge = self.sc[method]
         try:
-            self.stage._complete()
+            stage._complete()
         except StopRequested:
             raise RuntimeError("streamcal path: the receiver did not take the end-of-stream") from None
+        return edge.pool.stats() if edge.pool is not None else {}
 
     # (c) Ray actor calls
     def ray_send(self, receiver: Any, n: int, window: int) -> tuple[int, int]:
@@ -253,8 +261,7 @@ class _Receiver(_Socket):
     def __init__(self) -> None:
         self.zctx = zmq.Context()
         self.sock: zmq.Socket | None = None
-        self.edge: InputEdge | None = None
-        self.stage: _BenchSink | None = None
+        self.sc: dict[str, tuple[_BenchSink, InputEdge]] = {}
         self.got = 0
 
     # (a)
@@ -284,14 +291,17 @@ class _Receiver(_Socket):
         return {"t_end": t_end, "messages": n, "rows": rows}
 
     # (b)
-    def sc_open(self, endpoint: str, hwm: int) -> None:
+    def sc_open(self, method: str, endpoint: str, hwm: int) -> None:
         ctx = StageContext(stage=_READER, kind=_BenchSink.kind, inputs={_PORT: InputWiring(_STREAM, (_PRODUCER,))})
-        self.stage = _BenchSink(_NoConfig(), ctx)
-        self.edge = InputEdge(self.zctx, _PORT, _IDENTITY, [endpoint], hwm=hwm)
+        self.sc[method] = (_BenchSink(_NoConfig(), ctx),
+                           InputEdge(self.zctx, _PORT, _IDENTITY, [endpoint], hwm=hwm, shm_token=_node_token(method)))
 
-    def sc_recv(self, n: int) -> dict[str, int]:
-        """The runtime's receive loop (poll, then drain up to 256 messages) until ``n`` data messages."""
-        stage, sock = self.stage, self.edge.socks[0]
+    def sc_recv(self, method: str, n: int) -> dict[str, int]:
+        """The runtime's receive loop (poll, drain up to 256 messages, send releases) until ``n``
+        data messages."""
+        stage, edge = self.sc[method]
+        sock = edge.socks[0]
+        shm = edge.resolver(sock)
         c = stage.metrics.inputs[_PORT]
         target = c.messages + n
         last = time.monotonic()
@@ -307,16 +317,20 @@ class _Receiver(_Socket):
                     frames = recv_frames(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                stage.receive(_PORT, frames)
+                stage.receive(_PORT, frames, shm=shm)
+                del frames
+                if edge.readers:
+                    edge.flush()
         return {"t_end": _now(), "messages": c.messages, "rejected": sum(c.rejects.values()), "gaps": c.gaps}
 
-    def sc_drain_eos(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        sock = self.edge.socks[0]
+    def sc_drain_eos(self, method: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        stage, edge = self.sc[method]
+        sock = edge.socks[0]
         deadline = time.monotonic() + timeout_s
-        while not self.stage.done and time.monotonic() < deadline:
+        while not stage.done and time.monotonic() < deadline:
             if sock.poll(100):
-                self.stage.receive(_PORT, recv_frames(sock))
-        return self.stage.report()
+                stage.receive(_PORT, recv_frames(sock), shm=edge.resolver(sock))
+        return stage.report()
 
     # (c)
     def take(self, batch: pa.RecordBatch) -> int:
@@ -326,8 +340,10 @@ class _Receiver(_Socket):
 
 
 # ---------------------------------------------------------------------------------- driver
-METHODS = ("raw", "streamcal", "ray")
-_LABELS = {"raw": "(a) raw PUSH/PULL", "streamcal": "(b) streamcal", "ray": "(c) Ray calls"}
+METHODS = ("raw", "streamcal", "streamcal_tcp", "ray")
+_LABELS = {"raw": "(a) raw PUSH/PULL", "streamcal": "(b) streamcal", "streamcal_tcp": "(b') streamcal, TCP only",
+           "ray": "(c) Ray calls"}
+_STREAMCAL = ("streamcal", "streamcal_tcp")
 
 
 def _window(payload: int) -> int:
@@ -349,9 +365,9 @@ class _Pair:
         if method == "raw":
             ep = get(self.tx.raw_open.remote(hwm))
             get(self.rx.raw_open.remote(ep, hwm))
-        elif method == "streamcal":
-            ep = get(self.tx.sc_open.remote(hwm))
-            get(self.rx.sc_open.remote(ep, hwm))
+        elif method in _STREAMCAL:
+            ep = get(self.tx.sc_open.remote(method, hwm))
+            get(self.rx.sc_open.remote(method, ep, hwm))
 
     def round(self, method: str, n: int, window: int) -> float:
         """Send ``n`` messages; seconds from the first send to the last decode."""
@@ -360,9 +376,9 @@ class _Pair:
             r = self.rx.raw_recv.remote(n)
             t0 = get(self.tx.raw_send.remote(n))
             t1 = get(r)["t_end"]
-        elif method == "streamcal":
-            r = self.rx.sc_recv.remote(n)
-            t0 = get(self.tx.sc_send.remote(n))
+        elif method in _STREAMCAL:
+            r = self.rx.sc_recv.remote(method, n)
+            t0 = get(self.tx.sc_send.remote(method, n))
             out = get(r)
             if out["rejected"] or out["gaps"]:
                 raise RuntimeError(f"streamcal path rejected {out['rejected']} / lost {out['gaps']} message(s)")
@@ -371,14 +387,16 @@ class _Pair:
             t0, t1 = get(self.tx.ray_send.remote(self.rx, n, window))
         return max(t1 - t0, 1) / 1e9
 
-    def close(self, method: str) -> None:
-        if method == "streamcal":
-            self.ray.get(self.tx.sc_eos.remote())
-            rep = self.ray.get(self.rx.sc_drain_eos.remote())
+    def close(self, method: str) -> dict[str, int]:
+        stats: dict[str, int] = {}
+        if method in _STREAMCAL:
+            stats = self.ray.get(self.tx.sc_eos.remote(method))
+            rep = self.ray.get(self.rx.sc_drain_eos.remote(method))
             inputs = rep["metrics"]["inputs"][_PORT]
             if inputs["gaps"] or sum(inputs["rejects"].values()):
                 raise RuntimeError(f"streamcal path: {inputs['gaps']} gap(s), rejects {inputs['rejects']}")
         self.ray.get([self.tx.close.remote(method), self.rx.close.remote(method)])
+        return stats
 
 
 def _warm_up(pair: _Pair, method: str, window: int, *, warmup_s: float, seconds: float, max_messages: int) -> int:
@@ -400,6 +418,7 @@ def _measure_size(pair: _Pair, label: str, payload: int, methods: tuple[str, ...
     opened: list[str] = []
     counts: dict[str, int] = {}
     runs: dict[str, list[float]] = {m: [] for m in methods}
+    stats: dict[str, dict[str, int]] = {}
     try:
         for m in methods:
             pair.open(m, window)
@@ -417,7 +436,7 @@ def _measure_size(pair: _Pair, label: str, payload: int, methods: tuple[str, ...
                               f"{counts[m] / dt * payload / 1e9:7.3f} GB/s ({counts[m]:,} in {dt:.2f} s)")
     finally:
         for m in opened:
-            pair.close(m)
+            stats[m] = pair.close(m)
     row: dict[str, Any] = {}
     for m in methods:
         best = max(runs[m])
@@ -429,6 +448,8 @@ def _measure_size(pair: _Pair, label: str, payload: int, methods: tuple[str, ...
             "rounds_msgs_per_s": [round(x, 1) for x in runs[m]],
             "window": window,
         }
+        if stats.get(m):  # messages whose payload went through shared memory, and inline fallbacks
+            row[m].update(stats[m])
     return row
 
 
@@ -483,7 +504,9 @@ def run_transport_bench(
         own_ray = True
     result: dict[str, Any] = {
         "benchmark": "transport",
-        "transport": "tcp://127.0.0.1 (loopback), sender and receiver in two Ray actors (two processes)",
+        "transport": "tcp://127.0.0.1 (loopback), sender and receiver in two Ray actors (two processes) on one "
+                     "node; (b) as a graph runs it: payloads from 256 kB on through shared memory (/dev/shm), "
+                     "(b') with shared memory off",
         "methods": {m: _LABELS[m] for m in methods},
         "machine": _machine(),
         "settings": {"seconds": seconds, "repeat": repeat, "warmup_s": warmup_s, "max_messages": max_messages,
@@ -506,6 +529,8 @@ def run_transport_bench(
                 row["ratio_vs_ray"] = round(row["streamcal"]["msgs_per_s"] / row["ray"]["msgs_per_s"], 2)
             if "streamcal" in row and "raw" in row:
                 row["ratio_vs_raw"] = round(row["streamcal"]["msgs_per_s"] / row["raw"]["msgs_per_s"], 3)
+            if "streamcal_tcp" in row and "ray" in row:
+                row["ratio_tcp_vs_ray"] = round(row["streamcal_tcp"]["msgs_per_s"] / row["ray"]["msgs_per_s"], 2)
             result["sizes"][label] = row
     finally:
         bar.close()

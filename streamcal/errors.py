@@ -47,6 +47,7 @@ class WireError(StreamcalError, ValueError):
         "payload",
         "nan",
         "stream",
+        "shm",
     )
 
     def __init__(self, reason: str, message: str) -> None:

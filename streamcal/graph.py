@@ -110,6 +110,8 @@ class Settings:
     stall_timeout_s: float = 30.0
     max_message_bytes: int = 256 * 1024 * 1024
     seed: int = 0
+    shared_memory: bool = True  # same-node links carry large payloads in /dev/shm segments
+    shared_memory_mb: int = 1024  # per output stream of each replica
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class GraphSpec:
 # ---------------------------------------------------------------------------------- parsing
 _STAGE_KEYS = {"name", "kind", "config", "inputs", "outputs", "replicas", "resources", "restarts"}
 _STREAM_KEYS = {"queue", "latest_only", "publish"}
-_SETTINGS_KEYS = {"interface", "stall_timeout_s", "max_message_bytes", "seed"}
+_SETTINGS_KEYS = {"interface", "stall_timeout_s", "max_message_bytes", "seed", "shared_memory", "shared_memory_mb"}
 
 
 def load_graph(path: str | os.PathLike) -> GraphSpec:
@@ -188,7 +190,13 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
                 stall_timeout_s=float(sraw.get("stall_timeout_s", 30.0)),
                 max_message_bytes=int(sraw.get("max_message_bytes", 256 * 1024 * 1024)),
                 seed=int(sraw.get("seed", 0)),
+                shared_memory=sraw.get("shared_memory", True),
+                shared_memory_mb=int(sraw.get("shared_memory_mb", 1024)),
             )
+            if not isinstance(settings.shared_memory, bool):
+                problems.append(f"settings: field 'shared_memory': must be true or false, got {settings.shared_memory!r}")
+            if settings.shared_memory_mb < 1:
+                problems.append(f"settings: field 'shared_memory_mb': must be >= 1, got {settings.shared_memory_mb}")
         except (TypeError, ValueError) as exc:
             problems.append(f"settings: {exc}")
         if settings.interface != "node":

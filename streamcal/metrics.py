@@ -96,6 +96,8 @@ class EdgeCounters:
     duplicates: int = 0
     dropped: int = 0  # latest-only: messages not delivered because a newer one replaced them
     stalled_s: float = 0.0  # time the writer waited for a reader (backpressure)
+    shm: int = 0  # output: messages whose payload went through shared memory (same node)
+    shm_fallbacks: int = 0  # output: large payloads sent inline because the shared-memory pool was full
     latency: LatencyReservoir = field(default_factory=LatencyReservoir)
     event_latency: LatencyReservoir = field(default_factory=LatencyReservoir)
 
@@ -113,6 +115,8 @@ class EdgeCounters:
             "duplicates": self.duplicates,
             "dropped": self.dropped,
             "stalled_s": round(self.stalled_s, 3),
+            "shm": self.shm,
+            "shm_fallbacks": self.shm_fallbacks,
             "latency": self.latency.percentiles_ms(),
             "event_latency": self.event_latency.percentiles_ms(),
         }
@@ -188,6 +192,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 "duplicates": 0,
                 "dropped": 0,
                 "stalled_s": 0.0,
+                "shm_msgs": 0,
+                "shm_fallbacks": 0,
                 "elapsed_s": 0.0,
                 "latency_p50_ms": None,
                 "latency_p99_ms": None,
@@ -219,6 +225,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             row["out_bytes"] += c["bytes"]
             row["dropped"] += c["dropped"]
             row["stalled_s"] += c["stalled_s"]
+            row["shm_msgs"] += c.get("shm", 0)
+            row["shm_fallbacks"] += c.get("shm_fallbacks", 0)
         if rep.get("summary"):
             row["summary"].append(rep["summary"])
         for origin, ranges in rep.get("lineage", {}).items():

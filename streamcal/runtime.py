@@ -28,6 +28,7 @@ import pyarrow as pa
 import ray
 import zmq
 
+from streamcal import shm
 from streamcal.errors import StreamcalError
 from streamcal.graph import ClusterResources, GraphSpec, StreamSpec, publish_endpoint, validate_graph
 from streamcal.metrics import merge_reports, summary_table
@@ -129,6 +130,8 @@ class _ActorImpl:
         self.state = "created"
         self.error: str | None = None
         prev = ray.get(self.coord.get_endpoints.remote(self.key)) if self.incarnation else {}
+        # same Ray node = same /dev/shm: the node id is the token that offers shared memory
+        self.shm_token = ray.get_runtime_context().get_node_id() if spec.settings.shared_memory else None
         self.outputs: dict[str, OutputEdge] = {}
         for port, stream in st.outputs.items():
             sspec = spec.streams.get(stream, StreamSpec(stream))
@@ -147,6 +150,7 @@ class _ActorImpl:
                 publish=_publish_endpoint(sspec.publish, replica) if sspec.publish else None,
                 stall_timeout_s=spec.settings.stall_timeout_s, counters=self.stage.metrics.outputs[port],
                 should_abort=lambda: self._abort, label=f"{self.key}:{port}->{stream}",
+                shm_token=self.shm_token, shm_limit_bytes=spec.settings.shared_memory_mb << 20, shm_prefix=run_id,
             )
         self.ctx.send = lambda port, header, batch: self.outputs[port].send(header, batch)
         self.ctx.send_raw = lambda port, frames: self.outputs[port].send_raw(frames)
@@ -168,7 +172,8 @@ class _ActorImpl:
         for port, eps in wiring.items():
             w = self.ctx.inputs[port]
             self.inputs[port] = InputEdge(
-                self.zctx, port, f"{self.key}/{port}".encode(), eps, hwm=self.spec.queue(w.stream)
+                self.zctx, port, f"{self.key}/{port}".encode(), eps, hwm=self.spec.queue(w.stream),
+                shm_token=self.shm_token,
             )
         self.state = "connected"
 
@@ -252,12 +257,12 @@ class _ActorImpl:
 
     def _consume(self) -> None:
         poller = zmq.Poller()
-        where: dict[zmq.Socket, tuple[str, bool] | OutputEdge] = {}
+        where: dict[zmq.Socket, tuple[str, bool, Any, InputEdge | None] | OutputEdge] = {}
         for port, edge in self.inputs.items():
             latest = self.ctx.inputs[port].latest_only
             for s in edge.socks:
                 poller.register(s, zmq.POLLIN)
-                where[s] = (port, latest)
+                where[s] = (port, latest, edge.resolver(s), edge if edge.readers else None)
         for e in self.outputs.values():
             poller.register(e.sock, zmq.POLLIN)
             where[e.sock] = e
@@ -268,18 +273,24 @@ class _ActorImpl:
                 if isinstance(info, OutputEdge):
                     info.poll_control()
                     continue
-                port, latest = info
+                port, latest, shm, shm_edge = info
                 if latest:
-                    frames = self._drain_latest(sock, port)
+                    frames = self._drain_latest(sock, port, shm)
                     if frames is not None:
-                        self.stage.receive(port, frames)
+                        self.stage.receive(port, frames, shm=shm)
+                    del frames
+                    if shm_edge is not None:
+                        shm_edge.flush()
                     continue
                 for _ in range(256):
                     try:
                         frames = recv_frames(sock, zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.stage.receive(port, frames)
+                    self.stage.receive(port, frames, shm=shm)
+                    del frames  # a shared-memory payload is released once nothing refers to it ...
+                    if shm_edge is not None:
+                        shm_edge.flush()  # ... and the writer told at once
                     if self.stage.done or self._abort:
                         break
             if time.monotonic() - last_export > 1.0:
@@ -287,7 +298,7 @@ class _ActorImpl:
                 last_export = time.monotonic()
         _export_ray_metrics(self.stage.metrics)
 
-    def _drain_latest(self, sock: zmq.Socket, port: str) -> list | None:
+    def _drain_latest(self, sock: zmq.Socket, port: str, shm: Any = None) -> list | None:
         """Read everything queued on a latest-only link; account for all, process the newest."""
         newest = None
         while True:
@@ -296,7 +307,7 @@ class _ActorImpl:
             except zmq.Again:
                 return newest
             if newest is not None:
-                self.stage.receive(port, newest, process=False)
+                self.stage.receive(port, newest, process=False, shm=shm)
                 self.stage.metrics.inputs[port].dropped += 1
             newest = frames
 
@@ -478,6 +489,9 @@ def run_graph(
             ray.kill(a, no_restart=True)
         if coord is not None:
             ray.kill(coord)
+        n = shm.remove_run(run_id)  # segments of replicas that did not close (killed, crashed) on this node
+        if n:
+            log.info("removed %d shared-memory segment(s) left by run %s", n, run_id)
         if own_ray:
             ray.shutdown()
     if print_summary:

@@ -293,17 +293,18 @@ class Stage:
             self._send(port, h, None)
 
     # ------------------------------------------------------------------ reception
-    def receive(self, port: str, frames: list, recv_ns: int | None = None, *, process: bool = True) -> None:
+    def receive(self, port: str, frames: list, recv_ns: int | None = None, *, process: bool = True,
+                shm: Callable[[Any], pa.Buffer] | None = None) -> None:
         """Decode one message from ``port``, account for it, and dispatch it. Never raises on bad input.
 
         ``process=False`` accounts for a data message without processing it (a latest-only input
-        superseded by a newer message)."""
+        superseded by a newer message). ``shm`` resolves shared-memory payloads of the link."""
         recv_ns = recv_ns or time.time_ns()
         wiring = self.ctx.inputs[port]
         c = self.metrics.inputs[port]
         try:
             header, batch = wire.decode(
-                frames, max_bytes=self.ctx.max_message_bytes, expect_schema=self._in_schema[port]
+                frames, max_bytes=self.ctx.max_message_bytes, expect_schema=self._in_schema[port], shm=shm
             )
             if header.stream != wiring.stream:
                 raise WireError("stream", f"message of stream '{header.stream}' on a port wired to '{wiring.stream}'")

@@ -35,8 +35,9 @@ from typing import Callable
 import pyarrow as pa
 import zmq
 
-from streamcal import wire
+from streamcal import shm, wire
 from streamcal.metrics import EdgeCounters
+from streamcal.shm import ShmPool, ShmReader
 from streamcal.wire import Header
 
 __all__ = ["ReaderGroup", "OutputEdge", "InputEdge", "HELLO", "StopRequested", "bind_socket", "recv_frames", "subscriber"]
@@ -99,6 +100,9 @@ class OutputEdge:
         counters: EdgeCounters | None = None,
         should_abort: Callable[[], bool] = lambda: False,
         label: str = "",
+        shm_token: str | None = None,
+        shm_limit_bytes: int = 1 << 30,
+        shm_prefix: str = "",
     ) -> None:
         self.stream = stream
         self.readers = readers
@@ -109,6 +113,7 @@ class OutputEdge:
         self.sock = zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.hwm = hwm
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.RCVHWM, 1000)
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -131,6 +136,16 @@ class OutputEdge:
         self._carry: dict[bytes, dict] = {}  # latest-only: lineage of dropped messages, per link
         self._eos: Header | None = None
         self.ready: set[bytes] = set()
+        # shared memory: readers whose hello carried our node token; only unpublished streams
+        # (a published message needs its payload bytes anyway)
+        self.shm_token = shm_token
+        self.pool = ShmPool(shm_limit_bytes, prefix=shm_prefix) if shm_token and publish is None and shm.available() else None
+        self.shm_readers: set[bytes] = set()
+        self._ref: dict | None = None  # the message being sent: its shared-memory reference ...
+        self._inline = None  # ... and its inline payload (encoded when a link needs it)
+        self._batch: pa.RecordBatch | None = None
+        self._holders: set[bytes] = set()
+        self._fell_back = False
 
     # ------------------------------------------------------------------ control
     def poll_control(self) -> None:
@@ -142,9 +157,24 @@ class OutputEdge:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) == 2 and frames[1] == HELLO:
-                ident = frames[0]
+            if len(frames) != 2:
+                continue
+            ident, body = frames
+            if body[:4] == shm.FREE:
+                if self.pool is not None:
+                    try:
+                        self.pool.release(ident, shm.decode_free(body))
+                    except ValueError as exc:
+                        log.warning("edge %s: bad release from %s: %s", self.label, ident.decode(errors="replace"), exc)
+                continue
+            if body == HELLO or body.startswith(HELLO + b" "):
                 self.ready.add(ident)
+                if self.pool is not None:
+                    self.pool.forget(ident)  # a (re)started reader holds nothing
+                    if body[len(HELLO) + 1:].decode(errors="replace") == self.shm_token:
+                        self.shm_readers.add(ident)
+                    else:
+                        self.shm_readers.discard(ident)
                 if self._eos is not None and ident in self._lseq:
                     log.info("edge %s: reader %s (re)connected after end-of-stream; sending it again",
                              self.label, ident.decode(errors="replace"))
@@ -161,6 +191,14 @@ class OutputEdge:
     # ------------------------------------------------------------------ data
     def send(self, header: Header, batch: pa.RecordBatch | None) -> int:
         """Route one message (data: one replica per reader stage; others: every replica)."""
+        if (batch is not None and self.pool is not None
+                and batch.get_total_buffer_size() >= self.pool.min_bytes):
+            self.poll_control()  # hellos and releases (a source reads its socket nowhere else)
+            held, hwm = self.pool.held, self.hwm
+            if any(held.get(i, 0) < hwm for i in self.shm_readers):
+                return self._send_shm(header, batch)
+            if self.shm_readers:
+                self.counters.shm_fallbacks += 1  # every near reader holds a full queue of payloads
         payload = wire.encode_payload(batch) if batch is not None else b""
         if header.sent_ns == 0:
             header.sent_ns = wire.now_ns()
@@ -184,6 +222,49 @@ class OutputEdge:
                 self._publish_eos(raw)
             nbytes = nbytes or len(raw) + len(payload)
         return nbytes
+
+    def _send_shm(self, header: Header, batch: pa.RecordBatch) -> int:
+        """A data message whose payload goes through shared memory to the readers that share
+        this node (inline to the others, or to all when the pool has no room)."""
+        put = self.pool.put(batch)
+        self._fell_back = put is None
+        if put is None:
+            self._inline = wire.encode_payload(batch)
+        else:
+            lease, self._ref = put
+            self._lease = lease
+            self._holders = set()
+            self._inline = None
+            self._batch = batch  # encoded only if a link without shared memory is chosen
+        if header.sent_ns == 0:
+            header.sent_ns = wire.now_ns()
+        nbytes = 0
+        try:
+            for group in self.readers:
+                nbytes = self._send_balanced(group, header, self._inline)
+        finally:
+            header.extra.pop("shm", None)
+            if put is not None:
+                if self._holders:
+                    self.counters.shm += 1
+                self.pool.commit(lease)
+            if self._fell_back:
+                self.counters.shm_fallbacks += 1
+            self._ref = self._inline = self._batch = None
+        return nbytes
+
+    def _link_payload(self, ident: bytes, payload):
+        """What goes to ``ident`` for the message being sent: ``(header shm value or None, payload)``."""
+        ref = self._ref
+        if ref is not None and ident in self.shm_readers:
+            if self.pool.held.get(ident, 0) < self.hwm:
+                return ref, b""
+            self._fell_back = True  # this reader holds a full queue of payloads: inline to it
+        if payload is None:  # a shared-memory message, to a reader on another node
+            if self._inline is None:
+                self._inline = wire.encode_payload(self._batch)
+            payload = self._inline
+        return None, payload
 
     def _publish(self, raw_header: bytes, payload) -> bool:
         """One non-blocking send on the XPUB socket; False when a subscriber has no room."""
@@ -243,6 +324,12 @@ class OutputEdge:
         ``header`` itself keeps its own ``src``: the carry belongs to this link only."""
         extra = header.extra
         extra["lseq"] = self._lseq[ident]
+        if self._ref is not None:
+            ref, _ = self._link_payload(ident, b"")
+            if ref is None:
+                extra.pop("shm", None)
+            else:
+                extra["shm"] = ref
         carry = self._carry.pop(ident, None) if self._carry else None
         if not carry:
             return wire.encode_header(header), extra.get("src")
@@ -262,6 +349,9 @@ class OutputEdge:
         return raw, merged
 
     def _try(self, ident: bytes, raw_header: bytes, payload) -> bool:
+        ref = None
+        if self._ref is not None:
+            ref, payload = self._link_payload(ident, payload)
         send = self.sock.send
         try:
             send(ident, _MORE_NB)
@@ -275,6 +365,9 @@ class OutputEdge:
         # of the message follows without failing
         send(raw_header, _MORE_NB)
         send(payload, _NB, copy=len(payload) < _COPY_THRESHOLD)
+        if ref is not None:
+            self._holders.add(ident)
+            self.pool.hold(self._lease, ident)
         return True
 
     def _send_balanced(self, group: ReaderGroup, header: Header, payload) -> int:
@@ -290,7 +383,7 @@ class OutputEdge:
                 self.counters.dropped += 1
                 if src:  # the next message on this link carries the dropped one's lineage
                     self._carry[ident] = {o: list(r) for o, r in src.items()}
-            return len(raw) + len(payload)
+            return len(raw) + self._size(payload)
         t_block = None
         delay = 50e-6
         while True:
@@ -302,9 +395,14 @@ class OutputEdge:
                     self._rr[group.stage] = (start + k + 1) % n
                     if t_block is not None:
                         self.counters.stalled_s += time.monotonic() - t_block
-                    return len(raw) + len(payload)
+                    return len(raw) + self._size(payload)
             t_block = self._wait(t_block, group.stage, delay)
             delay = min(delay * 2, 5e-3)
+
+    def _size(self, payload) -> int:
+        if self._ref is not None:
+            return self._ref["size"]
+        return len(payload) if payload is not None else len(self._inline or b"")
 
     def _send_blocking(self, ident: bytes, header: Header, payload, stall_limit: float | None) -> int:
         raw, _ = self._header(ident, header)
@@ -341,19 +439,28 @@ class OutputEdge:
 
     def close(self) -> None:
         self.sock.close(linger=1000)
+        if self.pool is not None:
+            self.pool.close()
         if self.pub is not None:
             # queued messages (the end-of-stream above all) still reach subscribers for a while
             self.pub.close(linger=self.publish_linger_ms)
 
 
 class InputEdge:
-    """One input port of one reader replica: a DEALER per writer endpoint."""
+    """One input port of one reader replica: a DEALER per writer endpoint.
 
-    def __init__(self, zctx: zmq.Context, port: str, identity: bytes, endpoints: list[str], *, hwm: int) -> None:
+    With ``shm_token`` (this node's identity) the hello offers shared memory: writers with the
+    same token may then send payloads through shared-memory segments, resolved by
+    ``readers[sock]``; :meth:`flush` sends the releases back."""
+
+    def __init__(self, zctx: zmq.Context, port: str, identity: bytes, endpoints: list[str], *, hwm: int,
+                 shm_token: str | None = None) -> None:
         self.port = port
         self.identity = identity
         self.endpoints = list(endpoints)
         self.socks: list[zmq.Socket] = []
+        self.readers: dict[zmq.Socket, ShmReader] = {}
+        hello = HELLO + b" " + shm_token.encode() if shm_token and shm.available() else HELLO
         for ep in endpoints:
             s = zctx.socket(zmq.DEALER)
             s.setsockopt(zmq.ROUTING_ID, identity)
@@ -364,8 +471,29 @@ class InputEdge:
             if ep.startswith("tcp://["):
                 s.setsockopt(zmq.IPV6, 1)
             s.connect(ep)
-            s.send(HELLO, zmq.NOBLOCK)
+            s.send(hello, zmq.NOBLOCK)
             self.socks.append(s)
+            if hello is not HELLO:
+                self.readers[s] = ShmReader()
+
+    def resolver(self, sock: zmq.Socket) -> Callable | None:
+        """The shared-memory resolver of the link ``sock`` (None: the link offers none)."""
+        r = self.readers.get(sock)
+        return r.resolve if r is not None else None
+
+    def flush(self) -> int:
+        """Send the releases of shared-memory payloads no longer referenced; returns how many."""
+        n = 0
+        for sock, r in self.readers.items():
+            if r.pending:
+                ids = r.take_pending()
+                try:
+                    sock.send(shm.encode_free(ids), zmq.NOBLOCK)
+                except zmq.Again:  # the writer is not reading: try again later
+                    r.pending.extendleft(reversed(ids))
+                    continue
+                n += len(ids)
+        return n
 
     def close(self) -> None:
         for s in self.socks:

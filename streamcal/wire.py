@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -188,7 +188,8 @@ _N_REQUIRED = len(_REQUIRED)
 _KIND_SET = frozenset(KINDS)
 # fixed IPC write options: the current (non-legacy) stream format with V5 metadata, whatever the
 # ARROW_PRE_* environment variables say (pa.ipc.new_stream reads them on every call)
-_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(metadata_version=pa.ipc.MetadataVersion.V5, use_legacy_format=False)
+WRITE_OPTIONS = pa.ipc.IpcWriteOptions(metadata_version=pa.ipc.MetadataVersion.V5, use_legacy_format=False)
+_WRITE_OPTIONS = WRITE_OPTIONS
 _READ_OPTIONS = pa.ipc.IpcReadOptions()
 
 
@@ -352,11 +353,14 @@ def decode(
     registry: SchemaRegistry = REGISTRY,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     expect_schema: str | None = None,
+    shm: Callable[[Any], pa.Buffer] | None = None,
 ) -> tuple[Header, pa.RecordBatch | None]:
     """Validate and decode one message; raises :class:`WireError` naming the reason.
 
     ``expect_schema`` (the schema the receiving port is wired to; ``None`` or ``"*"`` for any)
-    rejects a message of another stream kind.
+    rejects a message of another stream kind. ``shm`` resolves a header's shared-memory payload
+    reference (section 10.3 of the spec) to the payload; without it such a message is rejected.
+    A resolved payload replaces ``frames[1]`` in place (so callers can count its bytes).
     """
     if len(frames) != 2:
         raise WireError("frames", f"expected 2 frames [header, payload], got {len(frames)}")
@@ -365,6 +369,17 @@ def decode(
     if size > max_bytes:
         raise WireError("oversize", f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
     header = decode_header(raw_header)
+    if header.extra and "shm" in header.extra:
+        ref = header.extra.pop("shm")
+        if header.kind != "data" or len(payload):
+            raise WireError("shm", f"a shared-memory reference needs a 'data' message with an empty payload "
+                                   f"(got '{header.kind}' with {len(payload)} payload bytes)")
+        if shm is None:
+            raise WireError("shm", "shared-memory payload on a link that does not offer shared memory")
+        payload = frames[1] = shm(ref)
+        size = len(raw_header) + len(payload)
+        if size > max_bytes:
+            raise WireError("oversize", f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
     if header.kind != "data":
         if len(payload):
             raise WireError("payload", f"'{header.kind}' message must have an empty payload")
