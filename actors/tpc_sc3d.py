@@ -118,7 +118,7 @@ class TPCSC3D(Stage):
     def process(self, port: str, batch: pa.RecordBatch, header: Header) -> None:
         if port == "pre":
             for f, c in zip(batch.column("frame").to_pylist(), tensor_to_numpy(batch.column("correction"))):
-                self.pre[f] = c
+                self.pre[f] = np.array(c)  # a copy: the message's buffer (shared memory) is released now
             self._flush(force=False)
             return
         cfg: TPCSC3DConfig = self.config

@@ -743,6 +743,11 @@ class SC3DCorrector:
         self.model, self.config, self.state, self.device = model, config, state, device
         self.grid = config.data.parsed_grid
         self.model_config = config.model
+        # on a CPU the channels-last 3D convolutions are faster (scripts/bench_tpc_3d.py: 85 vs
+        # 75 frames/s at 90x17x17, batch 16, 2 cores)
+        self._channels_last = device.type == "cpu"
+        if self._channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
 
     @property
     def needs_precorrection(self) -> bool:
@@ -764,8 +769,12 @@ class SC3DCorrector:
             pre = np.broadcast_to(np.asarray(precorrection, np.float32), (shape[0], 3, *self.grid.shape))
             pre_t = torch.from_numpy(np.ascontiguousarray(pre / scale, dtype=np.float32)).to(self.device)
         fields = np.stack([avg / s["density_scale"], fl / s["fluctuation_scale"]], axis=1)  # (B, 2, nphi, nr, nz)
-        with torch.no_grad():
-            out = self.model(torch.from_numpy(fields.astype(np.float32)).to(self.device), pre_t)
+        x = torch.from_numpy(fields.astype(np.float32)).to(self.device)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            pre_t = None if pre_t is None else pre_t.contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode():
+            out = self.model(x, pre_t)
         return (out.float().cpu().numpy() * scale).astype(np.float32)  # (B, 3, nphi, nr, nz) cm
 
     def predict(self, density_average: np.ndarray, density_fluctuation: np.ndarray,
