@@ -337,7 +337,7 @@ class ClusterResources:
     """Total resources per node, e.g. ``[{"CPU": 2, "GPU": 0}]``."""
 
     nodes: tuple[Mapping[str, float], ...]
-    description: str = "cluster"
+    description: str = "the cluster"
 
     @classmethod
     def local(cls) -> "ClusterResources":
@@ -360,7 +360,7 @@ class ClusterResources:
         import ray
 
         nodes = tuple(dict(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
-        return cls(nodes, f"Ray cluster of {len(nodes)} node(s)")
+        return cls(nodes, f"the Ray cluster of {len(nodes)} node(s)")
 
     def total(self, key: str) -> float:
         return sum(n.get(key, 0.0) for n in self.nodes)
@@ -558,7 +558,7 @@ def _check_resources(spec: GraphSpec, cluster: ClusterResources) -> list[str]:
         req = st.resources.request()
         if st.resources.num_gpus > 0 and cluster.total("GPU") == 0:
             problems.append(
-                f"{st.where()}: field 'resources.num_gpus': asks for {st.resources.num_gpus:g} GPU(s) but the "
+                f"{st.where()}: field 'resources.num_gpus': asks for {st.resources.num_gpus:g} GPU(s) but "
                 f"{cluster.description} has no GPU resource (set num_gpus: 0 and device: cpu, or run on a GPU node)"
             )
             continue
@@ -566,7 +566,7 @@ def _check_resources(spec: GraphSpec, cluster: ClusterResources) -> list[str]:
         if not fits_one:
             missing = {k: v for k, v in req.items() if max((n.get(k, 0.0) for n in cluster.nodes), default=0) < v}
             problems.append(
-                f"{st.where()}: field 'resources': no node of the {cluster.description} has "
+                f"{st.where()}: field 'resources': no node of {cluster.description} has "
                 + ", ".join(f"{v:g} {k}" for k, v in missing.items())
                 + " (largest node: "
                 + ", ".join(f"{k}={max((n.get(k, 0.0) for n in cluster.nodes), default=0):g}" for k in missing)
@@ -581,7 +581,7 @@ def _check_resources(spec: GraphSpec, cluster: ClusterResources) -> list[str]:
                     break
             else:
                 problems.append(
-                    f"{st.where()}: field 'replicas': replica {r} of {st.replicas} does not fit: the "
+                    f"{st.where()}: field 'replicas': replica {r} of {st.replicas} does not fit: "
                     f"{cluster.description} has too few resources left for "
                     + ", ".join(f"{v:g} {k}" for k, v in req.items())
                     + " after placing the stages before it"

@@ -12,7 +12,7 @@ from streamcal.errors import GraphError, ResourceError
 from streamcal.graph import ClusterResources, load_graph, parse_graph, render_mermaid, render_text, validate_graph
 
 ROOT = Path(__file__).resolve().parents[2]
-CPU_ONLY = ClusterResources(({"CPU": 2.0},), "test cluster")
+CPU_ONLY = ClusterResources(({"CPU": 2.0},), "the test cluster")
 
 GOOD = """
 stages:
@@ -128,7 +128,7 @@ def test_resources_the_cluster_cannot_give():
     assert "field 'replicas': replica 1 of 2 does not fit" in problems(text, CPU_ONLY)
     text = GOOD.replace("replicas: 2", "replicas: 2\n    resources: {custom: {fpga: 1}}")
     assert "no node of the test cluster has 1 fpga" in problems(text, CPU_ONLY)
-    gpu_cluster = ClusterResources(({"CPU": 2.0, "GPU": 2.0},), "gpu cluster")
+    gpu_cluster = ClusterResources(({"CPU": 2.0, "GPU": 2.0},), "the gpu cluster")
     validate_graph(parse_graph(GOOD.replace("replicas: 2", "replicas: 2\n    resources: {num_gpus: 1}")), gpu_cluster)
 
 
@@ -142,7 +142,7 @@ def test_bad_yaml_and_publish_endpoint():
 def test_every_shipped_graph_validates(path):
     spec = load_graph(path)
     gpus = sum(s.resources.num_gpus * s.replicas for s in spec.stages)
-    cluster = ClusterResources(({"CPU": 64.0, "GPU": max(gpus, 0.0)},), "big node")
+    cluster = ClusterResources(({"CPU": 64.0, "GPU": max(gpus, 0.0)},), "a big node")
     validate_graph(spec, cluster)
 
 
