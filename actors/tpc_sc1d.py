@@ -90,6 +90,13 @@ class TPCSC1D(Stage):
             from streamcal.detectors.tpc.tasks import load_corrector
 
             corrector = load_corrector(cfg.checkpoint)
+            if corrector.task != "sc1d" or corrector.grid.shape != self.grid.shape:
+                from streamcal.errors import ConfigError
+
+                g = "x".join(map(str, corrector.grid.shape))
+                raise ConfigError(f"stage '{self.ctx.stage}'", "checkpoint",
+                                  f"'{cfg.checkpoint}' is an {corrector.task} model trained on grid {g}, "
+                                  f"not {cfg.grid} (sc1d)")
             self.predict = corrector.predict
 
     def process(self, port: str, batch: pa.RecordBatch, header: Header) -> None:

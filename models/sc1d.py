@@ -223,11 +223,20 @@ class SC1DNet(nn.Module):
         if cfg.architecture == "mlp":
             h = self.idc_in(idc).unsqueeze(1) + self.local_in(local)  # (B, 1, H) + (B, P, H) -> (B, P, H)
             return self.body(self.drop0(self.act0(h)))  # (B, P, 3)
+        return self.combine(idc, self.local_terms(local))
+
+    def local_terms(self, local: Tensor) -> Tensor:
+        """Bilinear architecture: the per-voxel factors ``(..., P, 3, R + 1)`` from ``[position,
+        extra]``. They do not depend on the IDCs, so inference can compute them once per average map."""
+        return self.local_net(local).unflatten(-1, (N_COMPONENTS, self.config.rank + 1))
+
+    def combine(self, idc: Tensor, g: Tensor) -> Tensor:
+        """Bilinear architecture: ``(B, n_idc)`` IDC features with the local factors ``g``
+        ((B, P, 3, R + 1), or (P, 3, R + 1) shared by the batch) -> ``(B, P, 3)``."""
         q = self.idc_linear(idc) + self.idc_mlp(idc)  # (B, R)
-        g = self.local_net(local)  # (B, P, 3 (R + 1))
-        g = g.unflatten(-1, (N_COMPONENTS, cfg.rank + 1))  # (B, P, 3, R + 1)
-        out = torch.einsum("bpcr,br->bpc", g[..., :-1], q)  # (B, P, 3)
-        return out + g[..., -1]  # (B, P, 3)
+        if g.ndim == 3:
+            return torch.einsum("pcr,br->bpc", g[..., :-1], q) + g[..., -1]
+        return torch.einsum("bpcr,br->bpc", g[..., :-1], q) + g[..., -1]  # (B, P, 3)
 
 
 def sc1d_features(idc: np.ndarray, position: np.ndarray, extra: np.ndarray | None) -> np.ndarray:

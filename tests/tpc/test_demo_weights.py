@@ -45,3 +45,25 @@ def test_the_3d_graph_corrects_every_frame_on_the_shipped_weights(tmp_path, monk
     # a correction fluctuation: sub-mm to mm, not the average correction (cm)
     assert 1e-4 < np.abs(corr).mean() < 0.5
     assert res.stage("store").summary()["stored"] == 3
+
+
+def test_the_1d_fast_path_for_the_nominal_map_equals_the_full_network():
+    # live frames use the nominal average map: the voxel factors are computed once and reused
+    corr = load_corrector(WEIGHTS / "sc1d_90x17x17.pt")
+    idc = 1 + 0.02 * np.random.default_rng(0).normal(size=(4, 200))
+    fast = corr.predict_batch(idc)
+    full = corr.predict_batch(idc, average_correction=corr.average_correction)
+    assert corr._local_terms is not None
+    np.testing.assert_allclose(fast, full, rtol=0, atol=1e-7)  # cm
+    assert np.abs(full).max() > 1e-3  # a real correction, not zeros
+
+
+def test_a_checkpoint_of_another_grid_is_refused_by_the_stages():
+    from streamcal.errors import ConfigError
+    from streamcal.testing import run_stage
+
+    for kind, extra in (("tpc_sc1d", {}), ("tpc_sc3d", {"residual_input": True})):
+        task = kind.split("_")[1]
+        cfg = {"grid": "180x33x33", "method": "model", "checkpoint": str(WEIGHTS / f"{task}_90x17x17.pt"), **extra}
+        with pytest.raises(ConfigError, match="trained on grid 90x17x17, not 180x33x33"):
+            run_stage(kind, cfg, {"idc": []})

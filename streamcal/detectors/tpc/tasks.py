@@ -685,6 +685,7 @@ class SC1DCorrector:
         self.grid = config.data.parsed_grid
         self.model_config = config.model
         self.average_correction = np.asarray(state["average_correction"], dtype=np.float32)  # (3, nphi, nr, nz)
+        self._local_terms = None  # bilinear network: its factors for the nominal average map, once
         self._position = torch.from_numpy(positions(self.grid, config.model.use_phi)).to(device)  # (P, n_pos)
 
     def predict_batch(self, idc1d: np.ndarray, *, idc1d_average: np.ndarray | None = None,
@@ -705,6 +706,17 @@ class SC1DCorrector:
             extra = avg.reshape(idc.shape[0], 3, -1).transpose(0, 2, 1) / s["extra_scale"]  # (B, P, 3)
         if isinstance(self.model, SC1DTrees):
             out = self.model.predict(feats, self._position.cpu().numpy(), extra)  # (B, P, 3)
+        elif average_correction is None and cfg.architecture == "bilinear":
+            # the nominal average map: its per-voxel factors are computed once (the live case)
+            if self._local_terms is None:
+                local = self._position
+                if extra is not None:
+                    local = torch.cat([local, torch.from_numpy(np.ascontiguousarray(extra[0], np.float32)).to(self.device)], -1)
+                with torch.inference_mode():
+                    self._local_terms = self.model.local_terms(local)  # (P, 3, R + 1)
+            with torch.inference_mode():
+                out = self.model.combine(torch.from_numpy(feats.astype(np.float32)).to(self.device), self._local_terms)
+            out = out.float().cpu().numpy()  # (B, P, 3)
         else:
             with torch.no_grad():
                 t_extra = None if extra is None else torch.from_numpy(np.ascontiguousarray(extra, np.float32)).to(self.device)
