@@ -32,7 +32,7 @@ def test_shipped_weights_are_small_trained_and_load(task):
 def test_the_3d_graph_corrects_every_frame_on_the_shipped_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the graph names the weights relative to the repository root
     text = (ROOT / "configs" / "tpc_3d.yaml").read_text()
-    text = (text.replace("intervals: 1000", "intervals: 300").replace("speed: 1.0, clock: wall", "speed: 0")
+    text = (text.replace("intervals: 3000", "intervals: 300").replace("speed: 1.0, clock: wall", "speed: 0")
             .replace("db: tpc-calib.sqlite", f"db: {tmp_path / 'calib.sqlite'}"))
     assert "intervals: 300" in text and "speed: 0" in text and str(tmp_path) in text
     res = run_graph_local(text)
