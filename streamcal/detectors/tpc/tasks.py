@@ -755,9 +755,10 @@ class SC3DCorrector:
         self.model, self.config, self.state, self.device = model, config, state, device
         self.grid = config.data.parsed_grid
         self.model_config = config.model
-        # on a CPU the channels-last 3D convolutions are faster (scripts/bench_tpc_3d.py: 85 vs
-        # 75 frames/s at 90x17x17, batch 16, 2 cores)
-        self._channels_last = device.type == "cpu"
+        # on a CPU the channels-last 3D convolutions are faster on small grids and slower on large
+        # ones (scripts/bench_tpc_3d.py, 2 cores: 90x17x17 batch 16 85 vs 75 frames/s; 180x33x33
+        # batch 1 71 vs 67 ms per frame)
+        self._channels_last = device.type == "cpu" and int(np.prod(self.grid.shape)) <= 100_000
         if self._channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
 
