@@ -89,14 +89,12 @@ class TPCSC1D(Stage):
         else:
             from streamcal.detectors.tpc.tasks import load_corrector
 
-            corrector = load_corrector(cfg.checkpoint)
-            if corrector.task != "sc1d" or corrector.grid.shape != self.grid.shape:
-                from streamcal.errors import ConfigError
+            from streamcal.errors import ConfigError
 
-                g = "x".join(map(str, corrector.grid.shape))
-                raise ConfigError(f"stage '{self.ctx.stage}'", "checkpoint",
-                                  f"'{cfg.checkpoint}' is an {corrector.task} model trained on grid {g}, "
-                                  f"not {cfg.grid} (sc1d)")
+            try:
+                corrector = load_corrector(cfg.checkpoint, task="sc1d", grid=self.grid)
+            except ValueError as exc:
+                raise ConfigError(f"stage '{self.ctx.stage}'", "checkpoint", str(exc)) from None
             self.predict = corrector.predict
 
     def process(self, port: str, batch: pa.RecordBatch, header: Header) -> None:

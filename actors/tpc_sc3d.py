@@ -100,12 +100,10 @@ class TPCSC3D(Stage):
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.corrector = load_corrector(cfg.checkpoint, device=device)
-            if self.corrector.task != "sc3d":
-                self.fail_setup(f"checkpoint '{cfg.checkpoint}' is a '{self.corrector.task}' model, not sc3d")
-            if self.corrector.grid.shape != self.grid.shape:
-                g = "x".join(map(str, self.corrector.grid.shape))
-                self.fail_setup(f"'{cfg.checkpoint}' is an sc3d model trained on grid {g}, not {cfg.grid}")
+            try:
+                self.corrector = load_corrector(cfg.checkpoint, device=device, task="sc3d", grid=self.grid)
+            except ValueError as exc:
+                self.fail_setup(str(exc))
             if self.corrector.needs_precorrection and not cfg.residual_input:
                 self.fail_setup("this residual 3D model needs the 1D correction: set residual_input: true and wire 'pre'")
         else:

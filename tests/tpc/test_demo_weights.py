@@ -67,3 +67,8 @@ def test_a_checkpoint_of_another_grid_is_refused_by_the_stages():
         cfg = {"grid": "180x33x33", "method": "model", "checkpoint": str(WEIGHTS / f"{task}_90x17x17.pt"), **extra}
         with pytest.raises(ConfigError, match="trained on grid 90x17x17, not 180x33x33"):
             run_stage(kind, cfg, {"idc": []})
+
+
+def test_load_corrector_refuses_another_task():
+    with pytest.raises(ValueError, match=r"is an sc1d model trained on grid 90x17x17, not 90x17x17 \(sc3d\)"):
+        load_corrector(WEIGHTS / "sc1d_90x17x17.pt", task="sc3d")

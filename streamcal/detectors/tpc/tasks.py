@@ -797,11 +797,14 @@ class SC3DCorrector:
         return self.predict_batch(np.asarray(density_average)[None], np.asarray(density_fluctuation)[None], pre)[0]
 
 
-def load_corrector(path: str | Path, *, device: str = "cpu") -> SC1DCorrector | SC3DCorrector:
+def load_corrector(path: str | Path, *, device: str = "cpu", task: str | None = None,
+                   grid: str | Grid | None = None) -> SC1DCorrector | SC3DCorrector:
     """A trained correction from a checkpoint written by ``streamcal train`` (a ``.pt`` file or a run
-    directory: its ``best.pt``, else ``last.pt``), ready for ``.predict``."""
+    directory: its ``best.pt``, else ``last.pt``), ready for ``.predict``. With ``task`` and/or
+    ``grid``, a checkpoint of another task or grid is refused (``ValueError`` naming both)."""
     from streamcal.train import load_checkpoint
 
+    want_task, want_grid = task, grid
     ckpt = load_checkpoint(path)
     task = ckpt["task"]
     dev = _resolve_device(device)
@@ -818,5 +821,12 @@ def load_corrector(path: str | Path, *, device: str = "cpu") -> SC1DCorrector | 
         model = SC1DNet(config.model) if task == "sc1d" else UNet3D(config.model)
         model.load_state_dict(ckpt["model_state"])
         model.to(dev).eval()
-    return SC1DCorrector(model, config, state, dev) if task == "sc1d" else SC3DCorrector(model, config, state, dev)
+    corrector = SC1DCorrector(model, config, state, dev) if task == "sc1d" else SC3DCorrector(model, config, state, dev)
+    if want_task is not None or want_grid is not None:
+        want = parse_grid(want_grid) if want_grid is not None else corrector.grid
+        if (want_task or task) != task or want.shape != corrector.grid.shape:
+            have = "x".join(map(str, corrector.grid.shape))
+            raise ValueError(f"'{path}' is an {task} model trained on grid {have}, not "
+                             f"{'x'.join(map(str, want.shape))} ({want_task or task})")
+    return corrector
 
