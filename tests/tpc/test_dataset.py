@@ -244,3 +244,85 @@ def test_cli_bad_arguments(argv: list[str], message: str, capsys: pytest.Capture
         _parser().parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# -- local perturbations (training-only augmentation) ----------------------------------------------
+def test_local_perturbations_off_by_default_and_never_in_evaluation() -> None:
+    plain = DatasetGenerator(DatasetConfig(grid=GRID, n_random=3, seed=5, split="train"))
+    assert "local" not in plain.config.summary()  # same cache key as before the option existed
+    ev = DatasetGenerator(DatasetConfig(grid=GRID, n_random=3, seed=5, split="eval", local_fraction=1.0))
+    ev0 = DatasetGenerator(DatasetConfig(grid=GRID, n_random=3, seed=5, split="eval"))
+    assert ev.config.effective_local_fraction == 0.0 and "local" not in ev.config.summary()
+    for k in range(3):
+        a, b = ev.random_map(k, with_distortions=False), ev0.random_map(k, with_distortions=False)
+        assert a["local"] == [] and plain.random_map(k, with_distortions=False)["local"] == []
+        np.testing.assert_array_equal(a["density"], b["density"])
+
+
+def test_local_perturbations_match_the_closed_form_density() -> None:
+    """Density is linear in the readout history, so a perturbation of ``a x spot x expected readout``
+    during bins [t0, t1) adds exactly ``a x spot x density_from_readout(expected on [t0, t1))``; a
+    full-drift one adds ``a x spot x`` the nominal average (the seed's line charge). The base map
+    (own random stream) is unchanged, and the 1D IDCs rise by the perturbation's share per bin."""
+    from streamcal.detectors.tpc.dataset import gaussian_spot
+    from streamcal.detectors.tpc.density import _cell_widths, density_from_readout, expected_readout
+
+    g = Grid(36, 9, 9)
+    cfg = DatasetConfig(grid=g, n_random=12, seed=2, bias=0.0, local_fraction=1.0, local_max=3, local_amplitude=(0.2, 1.5))
+    gen = DatasetGenerator(cfg)
+    base = DatasetGenerator(DatasetConfig(grid=g, n_random=12, seed=2, bias=0.0))
+    expected = expected_readout(cfg.density, g.r, g.nphi, length=g.length)  # (n_t, nphi, nr)
+    eps = cfg.density.epsilon_on(g.phi[:, None], g.r[None, :])
+    for k in range(12):
+        m, m0 = gen.random_map(k, with_distortions=False), base.random_map(k, with_distortions=False)
+        assert 1 <= len(m["local"]) <= 3
+        model = np.zeros(g.shape)
+        delta_e = np.zeros_like(expected)
+        for p in m["local"]:
+            assert 0.2 <= p["amplitude"] <= 1.5 and 3.0 <= p["width"] <= 12.0 and 0 <= p["t0"] < p["t1"] <= expected.shape[0]
+            spot = gaussian_spot(g, phi0=p["phi0"], r0=p["r0"], width=p["width"])
+            e = np.zeros_like(expected)
+            e[p["t0"]:p["t1"]] = expected[p["t0"]:p["t1"]]
+            model += p["amplitude"] * spot[:, :, None] * density_from_readout(e, g, cfg.density)
+            delta_e += p["amplitude"] * e * spot[None]
+        np.testing.assert_allclose(m["density"] - m0["density"], model, rtol=1e-9, atol=1e-12 * gen.nominal.max())
+        # 1D IDC per bin: total ion charge entering, relative to the expectation
+        dr = _cell_widths(g.r)
+        share = np.einsum("tpr,pr,r->t", delta_e, eps, dr) / np.einsum("tpr,pr,r->t", expected, eps, dr)
+        np.testing.assert_allclose(m["idc1d"] - m0["idc1d"], share, rtol=1e-9, atol=1e-12)
+    # a single perturbation over the whole drift time is a line charge: a x spot x nominal average
+    one = DatasetGenerator(DatasetConfig(grid=g, n_random=30, seed=2, bias=0.0, local_fraction=1.0, local_max=1))
+    full = [k for k in range(30) if (one.random_map(k, with_distortions=False)["local"][0]["t0"],
+                                     one.random_map(k, with_distortions=False)["local"][0]["t1"]) == (0, expected.shape[0])]
+    assert full  # drawn with probability 1/2 per map
+    k = full[0]
+    m = one.random_map(k, with_distortions=False)
+    m0 = DatasetGenerator(DatasetConfig(grid=g, n_random=30, seed=2, bias=0.0)).random_map(k, with_distortions=False)
+    p = m["local"][0]
+    spot = gaussian_spot(g, phi0=p["phi0"], r0=p["r0"], width=p["width"])
+    np.testing.assert_allclose(m["density"] - m0["density"], p["amplitude"] * spot[:, :, None] * one.nominal,
+                               rtol=1e-9, atol=1e-12 * one.nominal.max())
+
+
+def test_local_fraction_is_the_share_of_perturbed_maps() -> None:
+    gen = DatasetGenerator(DatasetConfig(grid=Grid(18, 5, 5), n_random=200, seed=4, local_fraction=0.3))
+    n = sum(bool(gen.random_map(k, with_distortions=False)["local"]) for k in range(200))
+    assert 35 <= n <= 85  # binomial(200, 0.3): mean 60, sd 6.5; the bounds are ~4 sd
+    again = DatasetGenerator(DatasetConfig(grid=Grid(18, 5, 5), n_random=200, seed=4, local_fraction=0.3))
+    assert again.random_map(7, with_distortions=False)["local"] == gen.random_map(7, with_distortions=False)["local"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"local_fraction": 1.5}, r"local_fraction must be a number in \[0, 1\]"),
+        ({"local_max": 0}, "local_max must be an integer >= 1"),
+        ({"local_amplitude": (-2.0, 1.0)}, "local_amplitude must have lo >= -1"),
+        ({"local_amplitude": (1.0, 0.5)}, "local_amplitude must be a pair of finite numbers with lo <= hi"),
+        ({"local_amplitude": 3}, r"local_amplitude must be a pair \(lo, hi\)"),
+        ({"local_width_cm": (0.0, 5.0)}, r"local_width_cm must lie in \(0, "),
+    ],
+)
+def test_local_perturbation_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DatasetConfig(**kwargs)

@@ -21,6 +21,18 @@ With ``bias = b > 0`` each random map of the training split is multiplied by ``f
 Gaussian with sigma ~ 1.5 % (eq. 1 at 10^4 pile-up), becomes roughly uniform over ``+-b``. The
 evaluation split is always unbiased (``f = 1``).
 
+Local perturbations (training only, off by default): the seed's model fails its line-charge test
+(Fig. 5) because the training fluctuations are all global or diffuse, so the network never sees
+the response to a *local* charge. With ``local_fraction = p > 0`` each random map of the training
+split carries, with probability ``p``, 1 to ``local_max`` localized excesses or deficits of
+ionisation: at a random (phi, r), a transverse Gaussian of width ``U(local_width_cm)`` and peak
+``a x`` the expected readout there, ``a ~ U(local_amplitude)``, either during the whole ion drift
+time (a line charge along all z, as in the seed's test) or during a random interval (a charge
+localized in z). They are added to the simulated readout history before the density and the IDCs
+are computed from it, so both see them consistently (a local source raises the 1D IDCs by its share
+of the charge). They use their own random stream, so a map without them is identical to the one
+drawn with ``local_fraction = 0``. The evaluation split never has them.
+
 Determinism and disjoint splits: random map ``k`` of split ``s`` is drawn from
 ``numpy.random.SeedSequence(seed, spawn_key=(SPLIT_KEYS[s], k))``. Distinct ``(split, k)`` give
 independent streams, so the training and evaluation splits never share a random map, and a sample
@@ -47,8 +59,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from streamcal.detectors.tpc.constants import N_SECTORS, Grid, parse_grid
 from streamcal.detectors.tpc.density import (
     DensityConfig,
+    DensitySample,
     DensitySimulator,
     average_density,
+    density_from_readout,
+    expected_readout,
 )
 from streamcal.detectors.tpc.idc import idc_fourier
 
@@ -65,6 +80,7 @@ __all__ = [
     "write_shards",
     "read_shards",
     "LINE_CHARGE_WIDTH",
+    "gaussian_spot",
     "line_charge_profile",
     "line_charge_sample",
 ]
@@ -114,6 +130,12 @@ class DatasetConfig:
         seed: non-negative integer.
         density: the density simulation (rate, epsilon, ...).
         n_fourier: number of Fourier coefficients of the 1D IDC series (>= 1).
+        local_fraction: probability that a training random map carries local perturbations
+            (module doc; 0 = none; the evaluation split never has them).
+        local_max: at most this many perturbations per map (1 .. local_max, uniform).
+        local_amplitude: ``(lo, hi)`` of the peak amplitude relative to the expected local readout
+            (``lo >= -1``: a deficit cannot remove more than all of the ionisation).
+        local_width_cm: ``(lo, hi)`` of the transverse Gaussian sigma in cm.
     """
 
     grid: Grid | str = field(default_factory=lambda: Grid(90, 17, 17))
@@ -124,6 +146,10 @@ class DatasetConfig:
     seed: int = 0
     density: DensityConfig = field(default_factory=DensityConfig)
     n_fourier: int = 20
+    local_fraction: float = 0.0
+    local_max: int = 3
+    local_amplitude: tuple[float, float] = (-0.5, 1.5)
+    local_width_cm: tuple[float, float] = (3.0, 12.0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", parse_grid(self.grid, argument="DatasetConfig.grid"))
@@ -142,6 +168,19 @@ class DatasetConfig:
         n_t = self.density.n_time_bins
         if isinstance(self.n_fourier, bool) or not isinstance(self.n_fourier, (int, np.integer)) or not 1 <= self.n_fourier <= n_t // 2 + 1:
             raise ValueError(f"DatasetConfig.n_fourier must be an integer in [1, {n_t // 2 + 1}], got {self.n_fourier!r}")
+        if not isinstance(self.local_fraction, (int, float)) or not 0 <= self.local_fraction <= 1:
+            raise ValueError(f"DatasetConfig.local_fraction must be a number in [0, 1], got {self.local_fraction!r}")
+        if isinstance(self.local_max, bool) or not isinstance(self.local_max, (int, np.integer)) or self.local_max < 1:
+            raise ValueError(f"DatasetConfig.local_max must be an integer >= 1, got {self.local_max!r}")
+        lo, hi = _range_pair(self.local_amplitude, "local_amplitude")
+        if lo < -1:
+            raise ValueError(f"DatasetConfig.local_amplitude must have lo >= -1 (at most all of the ionisation removed), got {lo}")
+        wlo, whi = _range_pair(self.local_width_cm, "local_width_cm")
+        if wlo <= 0 or whi >= self.grid.r_max - self.grid.r_min:  # type: ignore[union-attr]
+            raise ValueError(f"DatasetConfig.local_width_cm must lie in (0, {self.grid.r_max - self.grid.r_min}) cm, "  # type: ignore[union-attr]
+                             f"got ({wlo}, {whi})")
+        object.__setattr__(self, "local_amplitude", (lo, hi))
+        object.__setattr__(self, "local_width_cm", (wlo, whi))
 
     @property
     def n_samples(self) -> int:
@@ -150,6 +189,10 @@ class DatasetConfig:
     @property
     def effective_bias(self) -> float:
         return self.bias if self.split == "train" else 0.0
+
+    @property
+    def effective_local_fraction(self) -> float:
+        return float(self.local_fraction) if self.split == "train" else 0.0
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable description (shard metadata)."""
@@ -175,7 +218,21 @@ class DatasetConfig:
                 "multiplicity": asdict(d.multiplicity),
             },
             "units": UNITS,
+            # only when used, so that data without local perturbations keeps its cache key
+            **({"local": {"fraction": self.effective_local_fraction, "max": int(self.local_max),
+                          "amplitude": list(self.local_amplitude), "width_cm": list(self.local_width_cm)}}
+               if self.effective_local_fraction > 0 else {}),
         }
+
+
+def _range_pair(value: Any, name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"DatasetConfig.{name} must be a pair (lo, hi) of numbers, got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"DatasetConfig.{name} must be a pair of finite numbers with lo <= hi, got {value!r}")
+    return lo, hi
 
 
 def average_scalings(x: float = 0.1) -> np.ndarray:
@@ -252,7 +309,9 @@ class DatasetGenerator:
 
     def random_map(self, k: int, *, with_distortions: bool = True) -> dict[str, Any]:
         """Random map ``k``: ``density`` (nphi, nr, nz), ``idc1d`` (n_t,), ``bias_factor`` and, if
-        asked, its ``distortion`` and ``correction`` (3, nphi, nr, nz)."""
+        asked, its ``distortion`` and ``correction`` (3, nphi, nr, nz); ``local``: the local
+        perturbations it carries (module doc), each ``{phi0 (rad), r0 (cm), width (cm), amplitude,
+        t0, t1}`` with ``[t0, t1)`` the time bins (chronological) it lasts."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.config.n_random:
             raise IndexError(f"random map index must be in [0, {self.config.n_random}), got {k!r}")
         if self._cache is not None and self._cache[0] == k and ("distortion" in self._cache[1] or not with_distortions):
@@ -261,15 +320,49 @@ class DatasetGenerator:
         sample = self._simulator.sample(rng, n=1)
         b = self.config.effective_bias
         f = 1.0 + b * rng.uniform(-1.0, 1.0) if b > 0 else 1.0
+        local: list[dict[str, float]] = []
+        if self.config.effective_local_fraction > 0:
+            sample, local = self._perturb(sample, k)
         out: dict[str, Any] = {
             "density": sample.density[0] * f,
             "idc1d": sample.idc1d()[0] * f,
             "bias_factor": float(f),
+            "local": local,
         }
         if with_distortions:
             out["distortion"], out["correction"] = self._distortions(out["density"])
         self._cache = (int(k), out)
         return out
+
+    def _perturb(self, sample: DensitySample, k: int) -> tuple[DensitySample, list[dict[str, float]]]:
+        """Local perturbations of random map ``k`` (module doc), from their own random stream."""
+        cfg = self.config
+        rng = np.random.default_rng(np.random.SeedSequence(int(cfg.seed), spawn_key=(SPLIT_KEYS[cfg.split], int(k), 1)))
+        if rng.random() >= cfg.effective_local_fraction:
+            return sample, []
+        g = self.grid
+        expected = expected_readout(cfg.density, g.r, g.nphi, length=g.length)  # (n_t, nphi, nr)
+        electrons = sample.electrons.copy()  # (1, n_t, nphi, nr)
+        n_t = electrons.shape[1]
+        n = int(rng.integers(1, cfg.local_max + 1))
+        local = []
+        for _ in range(n):
+            width = rng.uniform(*cfg.local_width_cm)
+            r0 = rng.uniform(g.r_min + 0.5 * width, g.r_max - 0.5 * width)
+            phi0 = rng.uniform(0.0, 2.0 * math.pi)
+            spot = gaussian_spot(g, phi0=phi0, r0=r0, width=width)  # (nphi, nr)
+            amplitude = rng.uniform(*cfg.local_amplitude)
+            if rng.random() < 0.5:  # the whole drift time: a line charge along all z
+                t0, t1 = 0, n_t
+            else:  # a random interval of 10-60 % of it: a charge localized in z
+                span = max(1, int(round(rng.uniform(0.1, 0.6) * n_t)))
+                t0 = int(rng.integers(0, n_t - span + 1))
+                t1 = t0 + span
+            electrons[0, t0:t1] += amplitude * expected[t0:t1] * spot[None]
+            local.append({"phi0": phi0, "r0": r0, "width": width, "amplitude": amplitude, "t0": t0, "t1": t1})
+        np.clip(electrons, 0.0, None, out=electrons)
+        density = density_from_readout(electrons, g, cfg.density)
+        return DensitySample(density, electrons, g, cfg.density), local
 
     def sample(self, index: int) -> dict[str, Any]:
         """Sample ``index = k * 27 + m`` as numpy arrays (float32) and scalars (module doc)."""
@@ -458,18 +551,29 @@ def read_shards(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndarra
 LINE_CHARGE_WIDTH = 5.0  # cm, default transverse Gaussian sigma of the line charge
 
 
+def gaussian_spot(grid: Grid | str | tuple[int, int, int], *, phi0: float, r0: float, width: float) -> np.ndarray:
+    """A transverse Gaussian spot (nphi, nr) of ``width`` cm at ``(phi0, r0)`` in the (x, y) plane.
+
+    Sampled on the grid's (phi, r) nodes and rescaled so that its integral over the grid's cells,
+    ``sum(spot * r dr dphi)``, equals that of the continuous Gaussian of peak 1, ``2 pi width^2``
+    cm^2: the spot carries the same charge on any grid, also where the grid spacing exceeds the width
+    (then it spreads over the nearest nodes).
+    """
+    g = parse_grid(grid)
+    d2 = g.r[None, :] ** 2 + r0**2 - 2.0 * r0 * g.r[None, :] * np.cos(g.phi[:, None] - phi0)  # (nphi, nr)
+    spot = np.exp(-d2 / (2.0 * width * width))
+    edges = np.concatenate([[g.r[0]], 0.5 * (g.r[1:] + g.r[:-1]), [g.r[-1]]])
+    area = g.dphi * g.r * np.diff(edges)  # (nr,) cell areas in cm^2
+    return spot * (2.0 * math.pi * width * width / float(np.sum(spot * area[None, :])))
+
+
 def line_charge_profile(
     grid: Grid | str | tuple[int, int, int], *, radius: float = 110.0, sector: int = 9,
     width: float = LINE_CHARGE_WIDTH,
 ) -> np.ndarray:
     """Transverse profile (nphi, nr) of a line charge along z at ``radius`` (cm) and the centre of
-    ``sector`` (phi = (sector + 0.5) x 20 deg), in units of its peak value.
-
-    A Gaussian of ``width`` cm in the (x, y) plane, sampled on the grid's (phi, r) nodes and rescaled
-    so that its integral over the grid's cells, ``sum(profile * r dr dphi)``, equals that of the
-    continuous Gaussian, ``2 pi width^2`` cm^2: the line carries the same charge per cm of z on any
-    grid, also where the grid spacing exceeds the width (then the charge spreads over the nearest
-    nodes). Errors name the argument and its allowed range.
+    ``sector`` (phi = (sector + 0.5) x 20 deg), in units of its peak value: :func:`gaussian_spot`
+    of ``width`` cm there. Errors name the argument and its allowed range.
     """
     g = parse_grid(grid)
     if not isinstance(radius, (int, float)) or not g.r_min < radius < g.r_max:
@@ -479,12 +583,7 @@ def line_charge_profile(
     if not isinstance(width, (int, float)) or not math.isfinite(width) or not 0 < width < g.r_max - g.r_min:
         raise ValueError(f"width must be a number of cm in (0, {g.r_max - g.r_min}), got {width!r}")
     phi0 = (sector + 0.5) * 2.0 * math.pi / N_SECTORS
-    # squared distance between the node (phi, r) and the line (phi0, radius) in the x-y plane
-    d2 = g.r[None, :] ** 2 + radius**2 - 2.0 * radius * g.r[None, :] * np.cos(g.phi[:, None] - phi0)  # (nphi, nr)
-    profile = np.exp(-d2 / (2.0 * width * width))
-    edges = np.concatenate([[g.r[0]], 0.5 * (g.r[1:] + g.r[:-1]), [g.r[-1]]])
-    area = g.dphi * g.r * np.diff(edges)  # (nr,) cell areas in cm^2
-    return profile * (2.0 * math.pi * width * width / float(np.sum(profile * area[None, :])))
+    return gaussian_spot(g, phi0=phi0, r0=radius, width=width)
 
 
 def line_charge_sample(

@@ -102,6 +102,11 @@ class TPCDataConfig(Config):
         bias: training bias half-width (seed section 4.2); the evaluation split is unbiased.
         scale_step: the +-x of the 27 average maps.
         rate_hz, epsilon: the density simulation (50 kHz Pb-Pb, gain x IBF).
+        local_fraction: share of the training random maps that carry local excesses or deficits
+            of ionisation (line charges and spots; :mod:`~streamcal.detectors.tpc.dataset`), so that
+            the 3D correction learns the response to a local charge; 0: none. Never in evaluation.
+        local_max, local_amplitude, local_width_cm: at most this many per map, the peak amplitude
+            range relative to the expected local ionisation, the transverse sigma range (cm).
         norm_samples: training samples used to compute the normalisation constants.
         cache_dir: keep the generated maps here (``.npz`` named by a hash of the data config) and
             reuse them; null: generate each run.
@@ -118,6 +123,10 @@ class TPCDataConfig(Config):
     scale_step: float = 0.1
     rate_hz: float = 50_000.0
     epsilon: float = 10.0
+    local_fraction: float = 0.0
+    local_max: int = 3
+    local_amplitude: tuple[float, float] = (-0.5, 1.5)
+    local_width_cm: tuple[float, float] = (3.0, 12.0)
     norm_samples: int = 2000
     cache_dir: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "cpu"
@@ -146,6 +155,16 @@ class TPCDataConfig(Config):
             self.fail("epsilon", f"must be > 0, got {self.epsilon}")
         if self.norm_samples < 1:
             self.fail("norm_samples", f"must be >= 1, got {self.norm_samples}")
+        if not 0.0 <= self.local_fraction <= 1.0:
+            self.fail("local_fraction", f"must be in [0, 1], got {self.local_fraction}")
+        if self.local_max < 1:
+            self.fail("local_max", f"must be >= 1, got {self.local_max}")
+        if not -1.0 <= self.local_amplitude[0] <= self.local_amplitude[1]:
+            self.fail("local_amplitude", f"must be [lo, hi] with -1 <= lo <= hi, got {list(self.local_amplitude)}")
+        g = parse_grid(self.grid)
+        if not 0.0 < self.local_width_cm[0] <= self.local_width_cm[1] < g.r_max - g.r_min:
+            self.fail("local_width_cm", f"must be [lo, hi] cm with 0 < lo <= hi < {g.r_max - g.r_min}, "
+                                        f"got {list(self.local_width_cm)}")
 
     @property
     def parsed_grid(self) -> Grid:
@@ -155,7 +174,9 @@ class TPCDataConfig(Config):
         n = self.n_random_train if split == "train" else self.n_random_eval
         return DatasetConfig(grid=self.parsed_grid, n_random=n, scale_step=self.scale_step, bias=self.bias,
                              split=split, seed=self.seed, n_fourier=n_fourier,
-                             density=DensityConfig(rate_hz=self.rate_hz, epsilon=self.epsilon))
+                             density=DensityConfig(rate_hz=self.rate_hz, epsilon=self.epsilon),
+                             local_fraction=self.local_fraction, local_max=self.local_max,
+                             local_amplitude=self.local_amplitude, local_width_cm=self.local_width_cm)
 
 
 @dataclass(frozen=True)
