@@ -19,6 +19,11 @@ Improvements on the weaknesses the seed names (section 4.3), each a config flag:
   its output to it, so it learns the residual of the 1D correction, the local fluctuations ("the
   effect of global dependencies needs to be reduced by applying the 1D distortion-fluctuation
   correction before").
+* ``last_relu: false``: the last 3x3x3 convolution before the 1x1x1 output convolution has no
+  ReLU. With it (the seed's network), the output head sees only non-negative features, so ``width``
+  channels must carry the positive and negative parts of three signed components separately: with
+  4 channels the network cannot represent a sharp local pattern in dr, drphi and dz at once (the
+  line-charge response, seed Fig. 5, flips sign within one grid node in r and in phi).
 
 :meth:`UNet3DConfig.seed_style` is the seed's network: zero padding, no boundary channels, no 1D
 pre-correction, depth 5, width 4 (368,231 parameters with three outputs).
@@ -68,6 +73,7 @@ class UNet3DConfig(Config):
         boundary_channels: add the four boundary-distance input channels.
         residual: take the 1D correction (3 channels) as input and learn its residual.
         upsample: ``nearest`` (the seed's 2x2x2 up-sampling) or ``trilinear`` interpolation.
+        last_relu: ReLU after the last 3x3x3 convolution (the seed's network; module doc).
     """
 
     owner = "model"
@@ -78,6 +84,7 @@ class UNet3DConfig(Config):
     boundary_channels: bool = True
     residual: bool = True
     upsample: Literal["nearest", "trilinear"] = "nearest"
+    last_relu: bool = True
 
     def validate(self) -> None:
         if not 1 <= self.depth <= 8:
@@ -122,11 +129,12 @@ def boundary_distances(shape: tuple[int, int, int], *, dtype: torch.dtype = torc
 
 
 class _Conv(nn.Module):
-    """3x3x3 convolution with the configured padding, then ReLU."""
+    """3x3x3 convolution with the configured padding, then ReLU (unless ``relu`` is false)."""
 
-    def __init__(self, c_in: int, c_out: int, circular_phi: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, circular_phi: bool, relu: bool = True) -> None:
         super().__init__()
         self.circular_phi = circular_phi
+        self.relu = relu
         self.conv = nn.Conv3d(c_in, c_out, kernel_size=3, padding=0 if circular_phi else 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,14 +142,15 @@ class _Conv(nn.Module):
             # F.pad counts from the last dim: (z_lo, z_hi, r_lo, r_hi, phi_lo, phi_hi)
             x = F.pad(x, (0, 0, 0, 0, 1, 1), mode="circular")  # (B, C, nphi + 2, nr, nz), phi wraps
             x = F.pad(x, (1, 1, 1, 1, 0, 0))  # (B, C, nphi + 2, nr + 2, nz + 2), zeros in r and z
-        return torch.relu(self.conv(x))  # (B, C_out, nphi, nr, nz)
+        y = self.conv(x)  # (B, C_out, nphi, nr, nz)
+        return torch.relu(y) if self.relu else y
 
 
 class _Block(nn.Sequential):
     """Two 3x3x3 convolutions + ReLU (one U-Net level)."""
 
-    def __init__(self, c_in: int, c_out: int, circular_phi: bool) -> None:
-        super().__init__(_Conv(c_in, c_out, circular_phi), _Conv(c_out, c_out, circular_phi))
+    def __init__(self, c_in: int, c_out: int, circular_phi: bool, last_relu: bool = True) -> None:
+        super().__init__(_Conv(c_in, c_out, circular_phi), _Conv(c_out, c_out, circular_phi, relu=last_relu))
 
 
 class UNet3D(nn.Module):
@@ -160,11 +169,12 @@ class UNet3D(nn.Module):
         ch = cfg.channels()
         self.down = nn.ModuleList()
         c_in = cfg.in_channels
-        for c in ch:
-            self.down.append(_Block(c_in, c, circ))
+        for level, c in enumerate(ch):
+            self.down.append(_Block(c_in, c, circ, last_relu=cfg.last_relu or cfg.depth > 1))
             c_in = c
         self.pool = nn.MaxPool3d(2, ceil_mode=True)
-        self.up = nn.ModuleList(_Block(ch[level + 1] + ch[level], ch[level], circ) for level in reversed(range(cfg.depth - 1)))
+        self.up = nn.ModuleList(_Block(ch[level + 1] + ch[level], ch[level], circ, last_relu=cfg.last_relu or level > 0)
+                                for level in reversed(range(cfg.depth - 1)))
         self.head = nn.Conv3d(ch[0], N_COMPONENTS, kernel_size=1)
         self._boundary: Tensor | None = None
 

@@ -118,6 +118,28 @@ def test_residual_unet_adds_its_output_to_the_precorrection() -> None:
         model(fields)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_last_relu_off_gives_the_head_signed_features(depth: int) -> None:
+    """Only the last 3x3x3 convolution loses its ReLU; its features (the head's input) then take
+    both signs, with it (the seed's network) they are >= 0. Same parameters either way."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 8, 7, 7)
+    seen = {}
+    for flag in (True, False):
+        model = UNet3D(UNet3DConfig(depth=depth, width=4, boundary_channels=False, residual=False, last_relu=flag))
+        last = (model.up[-1] if depth > 1 else model.down[0])[1]
+        relus = [m.relu for m in model.modules() if hasattr(m, "relu") and isinstance(m.relu, bool)]
+        assert relus.count(False) == (0 if flag else 1) and last.relu is flag
+        feats = []
+        model.head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0]))
+        with torch.no_grad():
+            model(x)
+        seen[flag] = feats[0]
+        assert sum(p.numel() for p in model.parameters()) == sum(
+            p.numel() for p in UNet3D(UNet3DConfig(depth=depth, width=4, boundary_channels=False, residual=False)).parameters())
+    assert float(seen[True].min()) >= 0.0 and float(seen[False].min()) < 0.0 < float(seen[False].max())
+
+
 def test_unet_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="field 'padding'"):
         UNet3DConfig.from_dict({"padding": "reflect"})
