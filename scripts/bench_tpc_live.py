@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Live TPC correction benchmark: IDC intervals at the real rate (1 kHz) through the Ray graph,
-corrections published every 10 ms frame; a subscriber measures the latency from the send time
+corrections published every 10 ms frame; a subscriber process (the reconstruction client) measures the latency from the send time
 of a frame's last IDC interval to the arrival of the frame's published correction.
 
 Side by side: the numerical ground truth's time for the same frame (Poisson solve + Langevin
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import socket
 import sys
+import tempfile
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -35,17 +36,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str) -> str:
+def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, source: str, recording: str) -> str:
+    from streamcal.detectors.tpc.constants import parse_grid
+
     ckpt = f", checkpoint: {checkpoint}" if checkpoint else ""
-    return textwrap.dedent(f"""
-    name: bench-tpc-{grid}
-    stages:
+    g = parse_grid(grid)
+    if source == "live":
+        src = f"""
       - name: idc
         kind: tpc_idc
+        resources: {{niceness: 0}}
         config: {{grid: {grid}, intervals: {intervals}, speed: 1.0, clock: wall, seed: 1}}
-        outputs: {{out: idc}}
+        outputs: {{out: idc}}"""
+    else:
+        src = f"""
+      - name: idc
+        kind: replay
+        resources: {{niceness: 0}}
+        config: {{path: {recording}, schema: tpc.idc/{g.nphi}x{g.nr}, speed: 1.0}}
+        outputs: {{out: idc}}"""
+    return textwrap.dedent(f"""
+    name: bench-tpc-{grid}
+    stages:{src}
       - name: sc1d
         kind: tpc_sc1d
+        resources: {{niceness: 0}}
         config: {{grid: {grid}, method: {method}{ckpt}}}
         inputs: {{idc: idc}}
         outputs: {{out: corrections}}
@@ -54,39 +69,77 @@ def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str) -
     """)
 
 
-class _Subscriber(threading.Thread):
-    """Receives the published corrections; latency = receive time - trigger_sent_ns."""
+def _record(grid: str, intervals: int, path: str) -> None:
+    """The same IDC stream as the live source, simulated as fast as possible and recorded."""
+    from streamcal.graph import parse_graph
+    from streamcal.runtime import run_graph
 
-    def __init__(self, endpoint: str) -> None:
-        super().__init__(daemon=True)
-        import zmq
+    res = run_graph(parse_graph(textwrap.dedent(f"""
+    name: bench-tpc-record-{grid}
+    stages:
+      - name: idc
+        kind: tpc_idc
+        config: {{grid: {grid}, intervals: {intervals}, speed: 0, clock: zero, seed: 1}}
+        outputs: {{out: idc}}
+      - name: rec
+        kind: record
+        config: {{path: {path}}}
+        inputs: {{in: idc}}
+    """)), print_summary=False, progress=False)
+    if res.status != "completed":
+        raise RuntimeError(f"recording the IDC stream ended {res.status}: {res.problems}")
 
-        self.zctx = zmq.Context()
-        self.sock = self.zctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.setsockopt(zmq.RCVHWM, 10_000)
-        self.sock.connect(endpoint)
-        self.latency_ns: list[int] = []
-        self.degraded = 0
-        self.stop = False
 
-    def run(self) -> None:
-        import zmq
+def _subscribe(endpoint: str, grid: str, ready, stop, results) -> None:
+    """The reconstruction client: a process of its own (as a C++ reconstruction would be), so the
+    Ray driver's threads do not share its interpreter. Per frame: the receive time minus the send
+    time of the frame's last IDC interval (end to end), split at the correction's send time into
+    the stage part (transport in + windowing + inference + encoding) and the delivery part."""
+    try:
+        _receive(endpoint, grid, ready, stop, results)
+    except BaseException as exc:  # reported to the parent, which would otherwise wait for nothing
+        results.put({"error": f"subscriber: {type(exc).__name__}: {exc}"})
+        raise
 
-        from streamcal import wire
 
-        while not self.stop:
-            if not self.sock.poll(100, zmq.POLLIN):
-                continue
-            frames = self.sock.recv_multipart(copy=False)
-            now = time.time_ns()
-            header, batch = wire.decode([memoryview(f.buffer) for f in frames])
-            if header.kind != "data":
-                continue
-            self.latency_ns.append(now - int(header.extra["trigger_sent_ns"]))
-            self.degraded += int(batch.column("degraded")[0].as_py())
-        self.sock.close(0)
-        self.zctx.term()
+def _receive(endpoint: str, grid: str, ready, stop, results) -> None:
+    import zmq
+
+    from streamcal import wire
+    from streamcal.detectors.tpc.streams import correction_schema
+
+    correction_schema(grid)  # registers the schema the frames carry
+    zctx = zmq.Context()
+    sock = zctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.connect(endpoint)
+    ready.set()
+    total, stage, delivery, degraded = [], [], [], 0
+    while not stop.is_set():
+        if not sock.poll(100, zmq.POLLIN):
+            continue
+        frames = sock.recv_multipart(copy=False)
+        now = time.time_ns()
+        header, batch = wire.decode([memoryview(f.buffer) for f in frames])
+        if header.kind != "data":
+            continue
+        trigger = int(header.extra["trigger_sent_ns"])
+        total.append(now - trigger)
+        stage.append(header.sent_ns - trigger)
+        delivery.append(now - header.sent_ns)
+        degraded += int(batch.column("degraded")[0].as_py())
+    sock.close(0)
+    zctx.term()
+    results.put({"total_ns": total, "stage_ns": stage, "delivery_ns": delivery, "degraded": degraded})
+
+
+def _percentiles(ns: list[int], skip: int = 5) -> dict | None:
+    a = np.asarray(ns[skip:], dtype=np.float64) / 1e6  # the first frames include start-up
+    if not a.size:
+        return None
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
+            "max": round(float(a.max()), 3)}
 
 
 def _ground_truth_ms(grid: str, repeat: int = 5) -> dict:
@@ -105,31 +158,43 @@ def _ground_truth_ms(grid: str, repeat: int = 5) -> dict:
     return {"median_ms": round(float(np.median(times)), 2), "min_ms": round(min(times), 2), "repeat": repeat}
 
 
-def bench(grid: str, seconds: float, method: str, checkpoint: str) -> dict:
+def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, workdir: str) -> dict:
     from streamcal.graph import parse_graph
     from streamcal.runtime import run_graph
 
     port = _free_port()
-    sub = _Subscriber(f"tcp://127.0.0.1:{port}")
+    mp = multiprocessing.get_context("spawn")
+    ready, stop, results = mp.Event(), mp.Event(), mp.Queue()
+    sub = mp.Process(target=_subscribe, args=(f"tcp://127.0.0.1:{port}", grid, ready, stop, results), daemon=True)
     sub.start()
+    if not ready.wait(60):
+        raise RuntimeError("the subscriber process did not start within 60 s")
     intervals = int(seconds * 1000)
-    res = run_graph(parse_graph(_graph(grid, intervals, port, method, checkpoint)), print_summary=False, progress=False)
+    recording = os.path.join(workdir, f"idc-{grid}.arrow")
+    if source == "replay" and not os.path.exists(recording):
+        _record(grid, intervals, recording)
+    res = run_graph(parse_graph(_graph(grid, intervals, port, method, checkpoint, source, recording)),
+                    print_summary=False, progress=False)
     time.sleep(0.3)
-    sub.stop = True
+    stop.set()
+    got = results.get(timeout=30)
     sub.join(5)
-    lat = np.array(sub.latency_ns[5:]) / 1e6  # the first frames include start-up
+    if "error" in got:
+        raise RuntimeError(got["error"])
+    lat = np.asarray(got["total_ns"][5:], dtype=np.float64) / 1e6  # the first frames include start-up
     rows = {r["stage"]: r for r in res.merged["stages"]}
     sc = rows["sc1d"]["summary"][0]
     return {
         "grid": grid,
         "method": method,
+        "source": source,
         "status": res.status,
         "idc_intervals": intervals,
         "frames_published": rows["sc1d"]["out_msgs"],
-        "frames_received": len(sub.latency_ns),
-        "degraded_frames": sub.degraded,
-        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 3), "p99": round(float(np.percentile(lat, 99)), 3),
-                       "max": round(float(lat.max()), 3)} if lat.size else None,
+        "frames_received": len(got["total_ns"]),
+        "degraded_frames": got["degraded"],
+        "latency_ms": _percentiles(got["total_ns"]),
+        "latency_split_ms": {"stage": _percentiles(got["stage_ns"]), "delivery": _percentiles(got["delivery_ns"])},
         "compute_ms": {"p50": sc["compute_p50_ms"], "p99": sc["compute_p99_ms"]},
         "numerical_ground_truth_per_frame": _ground_truth_ms(grid),
         "target_p99_ms": TARGET_P99_MS,
@@ -143,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="event time per grid (at 1 kHz)")
     p.add_argument("--method", choices=("linear", "model"), default="linear")
     p.add_argument("--checkpoint", default="")
+    p.add_argument("--sources", default="live,replay",
+                   help="IDC source: live (simulated in the graph, ~0.3 ms of CPU per interval) and/or replay "
+                        "(the same stream recorded first, as IDCs arrive from the detector in production)")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -151,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        runs = [bench(g, args.seconds, args.method, args.checkpoint)
-                for g in tqdm(args.grids.split(","), desc="grids", file=sys.stderr)]
+        with tempfile.TemporaryDirectory(prefix="bench-tpc-") as workdir:
+            runs = [bench(g, args.seconds, args.method, args.checkpoint, src, workdir)
+                    for g, src in tqdm([(g, s) for g in args.grids.split(",") for s in args.sources.split(",")],
+                                       desc="runs", file=sys.stderr)]
     finally:
         ray.shutdown()
     out = {"benchmark": "tpc_live_1d", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

@@ -62,9 +62,15 @@ def _strip_lines(x: Any) -> Any:
 
 @dataclass(frozen=True)
 class Resources:
+    """What a stage asks of its node. ``niceness``: the Unix nice value of the stage's process (0 =
+    the priority of everything else on the node; Ray's own default for its workers, used when
+    None, is 15, which lets any other process on the node preempt the stage, e.g. a training: give
+    stages on a latency path 0)."""
+
     num_cpus: float | None = None
     num_gpus: float = 0.0
     custom: Mapping[str, float] = field(default_factory=dict)
+    niceness: int | None = None
 
     def request(self) -> dict[str, float]:
         req = {"CPU": self.num_cpus if self.num_cpus is not None else 0.0, "GPU": self.num_gpus}
@@ -308,8 +314,13 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
         if not isinstance(rres, dict):
             problems.append(f"{where}: field 'resources' must be a mapping")
         else:
-            for k in sorted(set(rres) - {"num_cpus", "num_gpus", "custom", "__line__"}):
-                problems.append(f"{where}: resources: unknown field '{k}' (allowed: num_cpus, num_gpus, custom)")
+            for k in sorted(set(rres) - {"num_cpus", "num_gpus", "custom", "niceness", "__line__"}):
+                problems.append(f"{where}: resources: unknown field '{k}' (allowed: num_cpus, num_gpus, custom, niceness)")
+            nice = rres.get("niceness")
+            if nice is not None and (not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19):
+                problems.append(f"{where}: resources.niceness must be an integer in [0, 19] (0: normal priority; "
+                                f"lowering it below 0 needs privileges), got {nice!r}")
+                nice = None
             ncpu, ngpu, custom = rres.get("num_cpus"), rres.get("num_gpus", 0), rres.get("custom") or {}
             if ncpu is not None and (not isinstance(ncpu, (int, float)) or isinstance(ncpu, bool) or ncpu < 0):
                 problems.append(f"{where}: resources.num_cpus must be a number >= 0, got {ncpu!r}")
@@ -322,7 +333,7 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
             ):
                 problems.append(f"{where}: resources.custom must map resource name -> amount >= 0")
                 custom = {}
-            res = Resources(ncpu, float(ngpu), {k: float(v) for k, v in custom.items() if k != "__line__"})
+            res = Resources(ncpu, float(ngpu), {k: float(v) for k, v in custom.items() if k != "__line__"}, nice)
         stages.append(
             StageSpec(sname, kind, _strip_lines(cfg), tuple(inputs), outputs, replicas, res, restarts, line)
         )

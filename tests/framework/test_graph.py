@@ -132,6 +132,18 @@ def test_resources_the_cluster_cannot_give():
     validate_graph(parse_graph(GOOD.replace("replicas: 2", "replicas: 2\n    resources: {num_gpus: 1}")), gpu_cluster)
 
 
+@pytest.mark.parametrize("value", [-5, 20, 1.5, "low", True])
+def test_niceness_must_be_an_unprivileged_nice_value(value):
+    text = GOOD.replace("replicas: 2", f"replicas: 2\n    resources: {{niceness: {value}}}")
+    assert "resources.niceness must be an integer in [0, 19]" in problems(text)
+
+
+def test_niceness_is_kept_in_the_spec():
+    spec = parse_graph(GOOD.replace("replicas: 2", "replicas: 2\n    resources: {niceness: 0}"))
+    assert {s.name: s.resources.niceness for s in spec.stages}["mid"] == 0
+    assert all(s.resources.niceness is None for s in spec.stages if s.name != "mid")
+
+
 def test_bad_yaml_and_publish_endpoint():
     assert "not valid YAML" in problems("stages: [")
     msg = problems(GOOD + "streams:\n  b: {publish: 'http://x'}\n")

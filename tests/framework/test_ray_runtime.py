@@ -187,3 +187,24 @@ def test_a_stuck_edge_is_named_after_the_stall_timeout(ray_session):
     assert res.status == "stuck"
     assert any("stuck edge: source/0 -> frozen/0 (port 'in', stream 'samples')" in p for p in res.problems), res.problems
     assert time.monotonic() - t < 30
+
+
+def test_stage_niceness_is_applied_to_its_process(ray_session):
+    """``resources.niceness`` sets the stage process's nice value (Ray's default for its workers,
+    kept when unset, is 15: any other process on the node would preempt the stage)."""
+    graph = textwrap.dedent("""
+    stages:
+      - name: source
+        kind: synthetic
+        resources: {niceness: 0}
+        config: {messages: 20, rows: 2, seed: 1}
+        outputs: {out: samples}
+      - name: sink
+        kind: collect
+        resources: {niceness: 7}
+        inputs: {in: samples}
+    """)
+    res = run_graph(parse_graph(graph), print_summary=False, progress=False)
+    assert res.status == "completed", res.problems
+    nice = {r["metrics"]["stage"]: r["niceness"] for r in res.reports}
+    assert nice == {"source": 0, "sink": 7}

@@ -690,6 +690,52 @@ class SC3DTask(_Base):
 
 
 # -- inference -------------------------------------------------------------------------------------
+_NUMPY_ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0.0, out=x),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "tanh": np.tanh,
+}
+
+
+class _NumpyBilinearHead:
+    """The live 1D correction's per-frame work in plain numpy: the IDC branch of the bilinear
+    network (a linear map plus a small MLP) and its contraction with the per-voxel factors, which
+    are fixed for the nominal average map. A frame is one sample: a dozen small matrix-vector
+    products, for which torch's per-operation overhead (~10 us each) would dominate. Same numbers
+    as :meth:`SC1DNet.combine` to float32 rounding (tests/tpc/test_models.py)."""
+
+    def __init__(self, linear: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]], activation: Any,
+                 factors: np.ndarray, offset: np.ndarray) -> None:
+        self.linear, self.layers, self.activation = linear, layers, activation  # (n_idc, R), [(in, out), (out,)]
+        self.factors, self.offset = factors, offset  # (R, P 3), (P 3,)
+
+    @classmethod
+    def build(cls, model: Any, local_terms: Tensor) -> _NumpyBilinearHead | None:
+        act = _NUMPY_ACTIVATIONS.get(model.config.activation)
+        if act is None:  # e.g. gelu: torch's
+            return None
+
+        def arr(t: Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+        linears = [m for m in model.idc_mlp if isinstance(m, torch.nn.Linear)]
+        g = arr(local_terms)  # (P, 3, R + 1)
+        p = g.shape[0]
+        return cls(arr(model.idc_linear.weight).T, [(arr(m.weight).T, arr(m.bias)) for m in linears], act,
+                   np.ascontiguousarray(g[..., :-1].reshape(p * 3, -1).T), g[..., -1].reshape(p * 3))
+
+    def __call__(self, feats: np.ndarray) -> np.ndarray:
+        """``feats`` (B, n_idc) float32 -> (B, P, 3) float32."""
+        h = feats
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        q = feats @ self.linear + h  # (B, R)
+        out = q @ self.factors + self.offset  # (B, P 3)
+        return out.reshape(feats.shape[0], -1, 3)
+
+
 class SC1DCorrector:
     """A trained 1D correction for inference (see :func:`load_corrector`).
 
@@ -707,6 +753,7 @@ class SC1DCorrector:
         self.model_config = config.model
         self.average_correction = np.asarray(state["average_correction"], dtype=np.float32)  # (3, nphi, nr, nz)
         self._local_terms = None  # bilinear network: its factors for the nominal average map, once
+        self._numpy_head: _NumpyBilinearHead | None = None  # and, on CPU, its IDC part in numpy
         self._position = torch.from_numpy(positions(self.grid, config.model.use_phi)).to(device)  # (P, n_pos)
 
     def predict_batch(self, idc1d: np.ndarray, *, idc1d_average: np.ndarray | None = None,
@@ -735,9 +782,13 @@ class SC1DCorrector:
                     local = torch.cat([local, torch.from_numpy(np.ascontiguousarray(extra[0], np.float32)).to(self.device)], -1)
                 with torch.inference_mode():
                     self._local_terms = self.model.local_terms(local)  # (P, 3, R + 1)
-            with torch.inference_mode():
-                out = self.model.combine(torch.from_numpy(feats.astype(np.float32)).to(self.device), self._local_terms)
-            out = out.float().cpu().numpy()  # (B, P, 3)
+                self._numpy_head = _NumpyBilinearHead.build(self.model, self._local_terms) if self.device.type == "cpu" else None
+            if self._numpy_head is not None:
+                out = self._numpy_head(feats.astype(np.float32))  # (B, P, 3)
+            else:
+                with torch.inference_mode():
+                    out = self.model.combine(torch.from_numpy(feats.astype(np.float32)).to(self.device), self._local_terms)
+                out = out.float().cpu().numpy()  # (B, P, 3)
         else:
             with torch.no_grad():
                 t_extra = None if extra is None else torch.from_numpy(np.ascontiguousarray(extra, np.float32)).to(self.device)
