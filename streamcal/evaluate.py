@@ -251,6 +251,16 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.dot(x, y) / den) if den > 0 else None
 
 
+def _gain(truth: np.ndarray, pred: np.ndarray) -> float | None:
+    """Least-squares slope through the origin of predicted on numerical, ``sum(t p) / sum(t t)``:
+    1 is the right amplitude (the correlation is blind to it); None for a zero truth."""
+    import numpy as np
+
+    t, p = truth.astype(np.float64), pred.astype(np.float64)
+    den = float(np.dot(t, t))
+    return float(np.dot(t, p) / den) if den > 0 else None
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 def evaluate(task: Literal["sc1d", "sc3d"], checkpoint: str | Path, report: str | Path, *, n_eval: int | None = None,
              seed: int | None = None, baseline_checkpoint: str | Path | None = None,
@@ -427,6 +437,8 @@ def evaluate(task: Literal["sc1d", "sc3d"], checkpoint: str | Path, report: str 
                        for i, c in enumerate(COMPONENTS)} for s, v in line_values.items()}
     correlation_volume = {s: {c: _pearson(lc_truth[0, i].ravel(), v[i].ravel()) for i, c in enumerate(COMPONENTS)}
                           for s, v in line_values.items()}
+    gain = {s: {c: _gain(lc_truth[0, i][..., zmask].ravel(), v[i][..., zmask].ravel()) for i, c in enumerate(COMPONENTS)}
+            for s, v in line_values.items()}
 
     # figure data
     history, history_source = _metrics_history(file.parent, ckpt)
@@ -482,6 +494,7 @@ def evaluate(task: Literal["sc1d", "sc3d"], checkpoint: str | Path, report: str 
         "truth_rms_um": {c: float(np.sqrt(np.mean(np.square(lc_truth[0, i][..., zmask], dtype=np.float64))) * UM_PER_CM)
                          for i, c in enumerate(COMPONENTS)},
         "correlation": correlation, "correlation_full_volume": correlation_volume,
+        "gain": gain,
     }  # fmt: skip
 
     # targets
@@ -679,10 +692,10 @@ def _table(summary: dict[str, Any]) -> str:
     rows = [f"{'RMSE [um]':34s} {'dr':>10s} {'drphi':>10s} {'dz':>10s}"]
     for name, values in summary["rmse_um"].items():
         rows.append(f"{LABELS[name]:34s} " + " ".join(f"{values[c]:10.1f}" for c in COMPONENTS))
-    corr = summary["figures"]["fig5"]["correlation"]
-    for name, values in corr.items():
-        cells = " ".join(f"{'n/a':>10s}" if values[c] is None else f"{values[c]:10.3f}" for c in COMPONENTS)
-        rows.append(f"{'line-charge r: ' + LABELS[name]:34s} {cells}")
+    for key, label in (("correlation", "line-charge r: "), ("gain", "line-charge gain: ")):
+        for name, values in summary["figures"]["fig5"].get(key, {}).items():
+            cells = " ".join(f"{'n/a':>10s}" if values[c] is None else f"{values[c]:10.3f}" for c in COMPONENTS)
+            rows.append(f"{label + LABELS[name]:34s} {cells}")
     for t in summary["targets"]:
         if t["component"] != COMPONENTS[0]:
             continue

@@ -184,7 +184,10 @@ def test_line_charge_correlation(reports: dict[str, dict[str, Any]], generated: 
             x = lc["correction_fluctuation"][i][..., at_z0].ravel()
             y = (share * nominal[i])[..., at_z0].ravel()
             assert f["correlation"]["linear_scaler"][c] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-5)
+            # its amplitude: least-squares slope of predicted on numerical through the origin
+            assert f["gain"]["linear_scaler"][c] == pytest.approx(float(np.dot(x, y) / np.dot(x, x)), rel=1e-4)
         assert all(v is not None for v in f["correlation"]["model"].values())
+        assert set(f["gain"]) == set(f["correlation"])
 
 
 @pytest.mark.parametrize("task", ["sc1d", "sc3d"])
