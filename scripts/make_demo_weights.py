@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the small TPC demo weights shipped in ``models/weights/``.
 
-    python scripts/make_demo_weights.py --train     # full trainings (CPU: ~20 + ~60 min), then strip
+    python scripts/make_demo_weights.py --train     # full trainings (CPU: ~20 + ~50-80 min), then strip
     python scripts/make_demo_weights.py             # strip existing runs/sc1d and runs/sc3d
 
 The trainings are exactly ``streamcal train sc1d --config configs/train/sc1d.yaml`` and
