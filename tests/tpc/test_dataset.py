@@ -292,8 +292,8 @@ def test_local_perturbations_match_the_closed_form_density() -> None:
         np.testing.assert_allclose(m["idc1d"] - m0["idc1d"], share, rtol=1e-9, atol=1e-12)
     # a single perturbation over the whole drift time is a line charge: a x spot x nominal average
     one = DatasetGenerator(DatasetConfig(grid=g, n_random=30, seed=2, bias=0.0, local_fraction=1.0, local_max=1))
-    full = [k for k in range(30) if (one.random_map(k, with_distortions=False)["local"][0]["t0"],
-                                     one.random_map(k, with_distortions=False)["local"][0]["t1"]) == (0, expected.shape[0])]
+    spans = {k: one.random_map(k, with_distortions=False)["local"][0] for k in range(30)}
+    full = [k for k, p in spans.items() if (p["t0"], p["t1"]) == (0, expected.shape[0])]
     assert full  # drawn with probability 1/2 per map
     k = full[0]
     m = one.random_map(k, with_distortions=False)

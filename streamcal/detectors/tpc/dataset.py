@@ -266,6 +266,7 @@ class DatasetGenerator:
         self._averages: np.ndarray | None = None
         self._average_distortions: tuple[np.ndarray, np.ndarray] | None = None
         self._cache: tuple[int, dict[str, Any]] | None = None
+        self._expected: np.ndarray | None = None  # expected readout per bin, for local perturbations
         ages = self.config.density.time_edges()
         d_mid = 0.5 * (ages[:-1] + ages[1:]) / self.config.density.ion_drift_time  # (n_t,)
         c, l, p = self.scalings.T
@@ -341,7 +342,9 @@ class DatasetGenerator:
         if rng.random() >= cfg.effective_local_fraction:
             return sample, []
         g = self.grid
-        expected = expected_readout(cfg.density, g.r, g.nphi, length=g.length)  # (n_t, nphi, nr)
+        if self._expected is None:  # the same for every map
+            self._expected = expected_readout(cfg.density, g.r, g.nphi, length=g.length)  # (n_t, nphi, nr)
+        expected = self._expected
         electrons = sample.electrons.copy()  # (1, n_t, nphi, nr)
         n_t = electrons.shape[1]
         n = int(rng.integers(1, cfg.local_max + 1))
