@@ -14,7 +14,7 @@ from streamcal.errors import GraphError, StreamcalError
 __all__ = ["main", "build_parser"]
 
 # detector and tool sub-commands living in their own modules: (module, function adding the parser)
-_PLUGINS = ("streamcal.bench", "streamcal.detectors.tpc.cli", "streamcal.train", "streamcal.evaluate", "streamcal.store", "streamcal.export")
+_PLUGINS = ("streamcal.bench", "streamcal.detectors.tpc.cli", "streamcal.train", "streamcal.evaluate", "streamcal.detectors.its.cli", "streamcal.store", "streamcal.export")
 
 
 def _load_graph(path: str):

@@ -178,9 +178,10 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
     if not isinstance(raw, dict):
         raise GraphError(["the file must be a mapping with 'stages' (and optionally 'streams', 'settings')"], source)
     problems: list[str] = []
-    unknown = set(raw) - {"name", "stages", "streams", "settings", "__line__"}
+    # keys starting with "x-" are free: YAML anchors shared by several stages (x-geometry: &geometry ...)
+    unknown = {k for k in raw if not str(k).startswith("x-")} - {"name", "stages", "streams", "settings", "__line__"}
     for k in sorted(unknown):
-        problems.append(f"top level: unknown key '{k}' (allowed: name, stages, streams, settings)")
+        problems.append(f"top level: unknown key '{k}' (allowed: name, stages, streams, settings, and x-... for anchors)")
     name = str(raw.get("name") or (Path(source).stem if source else "graph"))
 
     settings = Settings()

@@ -37,7 +37,7 @@ from streamcal.schemas import REGISTRY
 from streamcal.stage import InputWiring, Source, StageContext, get_stage_class
 from streamcal.transport import InputEdge, OutputEdge, ReaderGroup, StopRequested, recv_frames
 
-__all__ = ["RunResult", "RunStuckError", "run_graph", "StageActor", "Coordinator", "NAMESPACE"]
+__all__ = ["RunResult", "RunStuckError", "run_graph", "StageActor", "GroupStoreActor", "Coordinator", "NAMESPACE"]
 
 log = logging.getLogger("streamcal.runtime")
 NAMESPACE = "streamcal"
@@ -98,7 +98,7 @@ class _ActorImpl:
     """Body of :class:`StageActor` (a plain class, so it can be unit-tested without Ray)."""
 
     def __init__(self, run_id: str, spec: GraphSpec, stage_name: str, replica: int,
-                 schemas: dict[str, tuple[bytes, tuple[str, ...], str]]) -> None:
+                 schemas: dict[str, tuple[bytes, tuple[str, ...], str]], group_store: str | None = None) -> None:
         logging.basicConfig(level=os.environ.get("STREAMCAL_LOG", "WARNING"),
                             format="%(levelname)s %(name)s: %(message)s")
         self.key = f"{stage_name}/{replica}"
@@ -121,7 +121,7 @@ class _ActorImpl:
         self.ctx = StageContext(
             stage=st.name, kind=st.kind, replica=replica, replicas=st.replicas, incarnation=self.incarnation,
             inputs=inputs, outputs=dict(st.outputs), seed=spec.settings.seed,
-            max_message_bytes=spec.settings.max_message_bytes,
+            max_message_bytes=spec.settings.max_message_bytes, group_store=group_store,
         )
         self.stage = cls(cfg, self.ctx)
         self.zctx = zmq.Context()
@@ -213,6 +213,7 @@ class _ActorImpl:
             "incarnation": self.incarnation,
             "in": sum(c.messages + sum(c.rejects.values()) for c in m.inputs.values()),
             "out": sum(c.messages for c in m.outputs.values()),
+            "work": self.stage.work,
             "waiting": waiting,
             "error": self.error,
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -381,6 +382,21 @@ class StageActor(_ActorImpl):
     """One stage replica as a Ray actor (threaded: the data loop runs beside control calls)."""
 
 
+@ray.remote
+class GroupStoreActor:
+    """Serves the rendezvous store of one stage's process group (:mod:`streamcal.group`) for the
+    whole run, so that it outlives any replica (a restarted one rejoins through it)."""
+
+    def __init__(self, interface: str) -> None:
+        from streamcal.group import GroupStoreServer
+
+        host = _interface(interface)
+        self.server = GroupStoreServer(host, bind_host=host)
+
+    def address(self) -> str:
+        return self.server.address
+
+
 @dataclass
 class RunResult:
     """What a run produced: per-replica reports, merged per-stage metrics, and the summary."""
@@ -423,6 +439,7 @@ def run_graph(
     run_id = uuid.uuid4().hex[:8]
     t_start = time.monotonic()
     actors: dict[str, Any] = {}
+    actors_aux: list[Any] = []  # rendezvous stores of process groups
     coord = None
     try:
         validate_graph(spec, ClusterResources.from_ray())
@@ -433,6 +450,12 @@ def run_graph(
             schema_names |= set(cls.outputs(cfg).values()) | set(cls.inputs(cfg).values())
         schemas = _schema_payload(schema_names)
         coord = Coordinator.options(name=_coord_name(run_id), namespace=NAMESPACE).remote()
+        group_stores: dict[str, str] = {}
+        for st in spec.stages:
+            if getattr(get_stage_class(st.kind), "PROCESS_GROUP", False) and st.replicas > 1:
+                server = GroupStoreActor.options(num_cpus=0).remote(spec.settings.interface)
+                actors_aux.append(server)
+                group_stores[st.name] = ray.get(server.address.remote(), timeout=startup_timeout_s)
         for st in spec.stages:
             opts: dict[str, Any] = {
                 "max_restarts": st.restarts,
@@ -446,7 +469,8 @@ def run_graph(
             if st.resources.niceness is not None:  # Ray applies it when it starts the worker process
                 opts["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(st.resources.niceness)}}
             for r in range(st.replicas):
-                actors[f"{st.name}/{r}"] = StageActor.options(**opts).remote(run_id, spec, st.name, r, schemas)
+                actors[f"{st.name}/{r}"] = StageActor.options(**opts).remote(run_id, spec, st.name, r, schemas,
+                                                                             group_stores.get(st.name))
         keys = list(actors)
         refs = [actors[k].endpoints.remote() for k in keys]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=startup_timeout_s)
@@ -495,6 +519,8 @@ def run_graph(
             time.sleep(0.2)
         for a in actors.values():
             ray.kill(a, no_restart=True)
+        for a in actors_aux:
+            ray.kill(a)
         if coord is not None:
             ray.kill(coord)
         n = shm.remove_run(run_id)  # segments of replicas that did not close (killed, crashed) on this node
@@ -590,7 +616,7 @@ def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool,
                     bar.close(statuses)
                     return "completed", []
                 dead = [k for k, s in statuses.items() if s["state"] == "dead"]
-                total = sum(s["in"] + s["out"] for s in statuses.values())
+                total = sum(s["in"] + s["out"] + s.get("work", 0) for s in statuses.values())
                 bar.update(statuses)
                 now = time.monotonic()
                 if total != last_total:

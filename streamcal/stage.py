@@ -51,7 +51,7 @@ log = logging.getLogger("streamcal.stage")
 # taken as wall-clock times, for the event-to-receive latency
 _EVENT_CLOCK_WINDOW_NS = 24 * 3600 * 10**9
 _RESERVED_HEADER_KEYS = {"v", "stream", "seq", "producer", "kind", "t0_ns", "t1_ns", "sent_ns", "schema", "fp",
-                         "lseq", "src", "origins", "inc"}
+                         "lseq", "src", "origins", "inc", "part"}
 _EVENT_CLOCK_SKEW_NS = 60 * 10**9
 _UNSET = object()
 
@@ -82,6 +82,9 @@ class StageContext:
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     send: SendFn | None = None
     send_raw: Callable[[str, list], None] | None = None
+    #: ``"host:port"`` of the rendezvous store of this stage's process group (kinds with
+    #: ``PROCESS_GROUP``, on Ray; see :mod:`streamcal.group`), else None
+    group_store: str | None = None
 
     @property
     def producer(self) -> str:
@@ -147,6 +150,9 @@ class Stage:
     Config: ClassVar[type[Config]] = Config
     #: log the first N rejects per reason with their message, then every 1000th
     LOG_FIRST_REJECTS: ClassVar[int] = 5
+    #: the replicas form a ``torch.distributed`` process group (:mod:`streamcal.group`): the
+    #: runtime serves them a rendezvous store (``ctx.group_store``)
+    PROCESS_GROUP: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ declaration
     @classmethod
@@ -183,6 +189,9 @@ class Stage:
         self._max_t1 = 0
         self._reject_logged: dict[str, int] = defaultdict(int)
         self.done = False
+        #: units of work done besides messages (steps of a long computation after the end of
+        #: stream): the runtime counts them as progress, so a busy stage is not taken as stuck
+        self.work = 0
         for p, w in context.inputs.items():
             self.metrics.input(p, w.stream)
         for p, s in context.outputs.items():
@@ -212,10 +221,12 @@ class Stage:
 
     # ------------------------------------------------------------------ emission
     def emit(self, port: str, batch: pa.RecordBatch, t0_ns: int, t1_ns: int,
-             extra: dict[str, Any] | None = None) -> None:
+             extra: dict[str, Any] | None = None, partition: int | None = None) -> None:
         """Send ``batch`` on output ``port`` with the event-time window [t0_ns, t1_ns].
         ``extra``: additional header keys (msgpack scalars; names must not clash with the
-        format's keys), e.g. ``trigger_sent_ns`` for end-to-end latency."""
+        format's keys), e.g. ``trigger_sent_ns`` for end-to-end latency. ``partition``: the
+        message goes to replica ``partition % replicas`` of each reader stage (header ``part``)
+        instead of the next replica with room; it waits for that replica's queue."""
         info = self._out_info.get(port)
         if info is None:
             raise StreamcalError(
@@ -238,6 +249,10 @@ class Stage:
             h.extra.update(extra)
         if self.ctx.incarnation:
             h.extra["inc"] = self.ctx.incarnation
+        if partition is not None:
+            if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
+                raise StreamcalError(f"stage '{self.ctx.stage}': partition must be an integer >= 0, got {partition!r}")
+            h.extra["part"] = partition
         src = self._take_lineage(port, seq)
         if src:
             h.extra["src"] = src

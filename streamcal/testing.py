@@ -3,7 +3,10 @@
 ``run_graph_local(spec)`` builds every replica of every stage in this process and moves
 messages through in-memory queues, encoded and decoded with the real wire format (so schema
 checks, rejects, sequence and lineage accounting are exercised exactly as in a Ray run).
-Routing is deterministic: each writer sends to the replicas of a reader stage round-robin.
+Routing is deterministic: each writer sends to the replicas of a reader stage round-robin (a
+message emitted with a ``partition`` goes to replica ``partition % replicas``, as on Ray).
+Replicas run one after the other in one thread, so a kind whose replicas form a process group
+(``PROCESS_GROUP``) runs here with one replica only.
 
 ``run_stage(kind_or_class, config, inputs)`` runs one stage on given batches: the unit test of
 a new stage kind is "build, run, assert on the output".
@@ -61,6 +64,11 @@ def build_local_stages(spec: GraphSpec) -> tuple[dict[str, list[Stage]], dict[st
     queues: dict[str, list[tuple[Stage, deque]]] = {}
     for st in spec.stages:
         p = plan[st.name]
+        if getattr(p["cls"], "PROCESS_GROUP", False) and st.replicas > 1:
+            raise StreamcalError(
+                f"{st.where()}: kind '{st.kind}' runs its {st.replicas} replicas as a process group, which "
+                "needs the Ray runtime (`streamcal run`); in-process, use replicas: 1"
+            )
         stages[st.name] = []
         for r in range(st.replicas):
             inputs = {
@@ -145,7 +153,9 @@ def _make_send(writer: Stage, stream: str, links: dict[str, list[_Link]], rr: di
         payload = wire.encode_payload(batch) if batch is not None else b""
         nbytes = 0
         for reader, reps in links.items():
-            if header.kind == "data":
+            if header.kind == "data" and header.extra.get("part") is not None:
+                targets = [reps[int(header.extra["part"]) % len(reps)]]  # partitioned: a fixed replica
+            elif header.kind == "data":
                 key = (writer.ctx.producer, port, reader)
                 i = rr.get(key, 0)
                 rr[key] = (i + 1) % len(reps)

@@ -10,8 +10,9 @@ Topology of one stream written by W replicas and read by stages R1..Rk (each wit
   ``"<stage>/<replica>/<port>"``, and says ``hello`` (so a finished writer re-sends
   end-of-stream to a reader that restarted);
 * fan-out: each data message goes to every reader *stage*; load balancing: within a stage, to
-  one replica, round-robin over the replicas whose queue has room; fan-in: a reader polls all
-  its DEALERs (fair queueing);
+  one replica, round-robin over the replicas whose queue has room, or, for a message with a
+  partition (header ``part``), to replica ``part % replicas`` whatever its queue; fan-in: a
+  reader polls all its DEALERs (fair queueing);
 * backpressure: ``SNDHWM``/``RCVHWM`` bound each link's queue; when every replica's queue is
   full the writer waits (blocking), and reports the edge by name after ``stall_timeout_s``;
 * latest-only links never block the writer: a message that finds the link full is dropped and
@@ -373,7 +374,12 @@ class OutputEdge:
     def _send_balanced(self, group: ReaderGroup, header: Header, payload) -> int:
         n = len(group.identities)
         start = self._rr[group.stage]
+        part = header.extra.get("part")
+        if part is not None and not group.latest_only:  # partitioned: one fixed replica, waited for
+            return self._send_blocking(group.identities[int(part) % n], header, payload, stall_limit=None)
         if group.latest_only:
+            if part is not None:
+                start = int(part) % n
             ident = group.identities[start % n]
             self._rr[group.stage] = (start + 1) % n
             raw, src = self._header(ident, header)
@@ -418,7 +424,7 @@ class OutputEdge:
         self._lseq[ident] += 1
         if t_block is not None:
             self.counters.stalled_s += time.monotonic() - t_block
-        return len(raw) + len(payload)
+        return len(raw) + self._size(payload)
 
     def _wait(self, t_block: float | None, target: str, delay: float) -> float:
         now = time.monotonic()

@@ -1,0 +1,436 @@
+"""``its_align``: ITS2 track-based alignment workers that average their constants every tau steps.
+
+The seed's "Scalable Training via Parallelization": M worker replicas, each fed its own partition
+of the hit stream (``its_tracks`` with ``partitions``), each optimising its own copy of Theta
+(``models/its_alignment.py``, steps of ``streamcal.detectors.its.align``), and every ``tau`` steps
+all of them replace their copy by ``Theta = sum_m mu_m Theta_m / sum_m mu_m``, ``mu_m`` the tracks
+worker m used since the previous synchronisation (its partition's size). The sum is one
+``torch.distributed`` all-reduce over the replicas' process group (gloo on CPU, NCCL on GPU;
+:mod:`streamcal.group`), of ``[mu_m Theta_m, mu_m, active, cost, events, steps]``.
+
+Steps. One received message is one step (a mini-batch of tracks): hits are checked and packed
+(bad hits and tracks rejected and counted, never in the cost), the cost gradient is mapped to
+Theta and the optimiser steps: ``gn`` (default) preconditions by the per-sensor Gauss-Newton
+blocks accumulated over the data seen, with the stochastic-approximation step ``n_b / N_seen``
+(recursive least squares: after one pass each worker holds the least-squares estimate of its
+partition, to first order); ``sgd`` is the seed's rule with fixed rates; ``adam``. Epoch 1 runs
+on the live stream; each message is also spooled to an Arrow IPC file, which epochs 2.. replay
+(memory stays bounded: a batch at a time).
+
+End of an epoch. A worker whose data has ended keeps taking part in the synchronisations with
+``mu = 0, active = 0`` until every worker is inactive in the same all-reduce, so all leave the
+epoch together whatever their partition sizes.
+
+Outputs. After every ``publish_every``-th synchronisation replica 0 publishes the constants
+(schema ``its.alignment``: sensor id and Theta) on ``out`` (make it latest-only and/or store it
+with ``calib_store``), and at the end writes ``theta.npy``, ``metrics.jsonl`` (cost per
+synchronisation and per epoch) and ``run.json`` into ``run_dir`` (``streamcal evaluate align``).
+
+Failures. At every synchronisation replica 0 stores the averaged Theta and the epoch and count
+in the group's store, and each replica its own position. A replica that dies is restarted by
+Ray; it restores that checkpoint, the survivors' next all-reduce fails, the group re-forms with
+the restarted replica and the all-reduce is repeated; the run completes. What the dead replica
+had received since its last synchronisation is lost (counted by the runtime as lost messages).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from streamcal.actors.its_tracks import ITS_HITS, GeometrySpec
+from streamcal.config import Config
+from streamcal.detectors.its.align import (
+    Constraints,
+    OptimizerConfig,
+    RejectCounts,
+    ThetaOptimizer,
+    hessian_blocks,
+    pack_tracks,
+    theta_gradient,
+)
+from streamcal.detectors.its.misalignment import RIGID_MODES, WEAK_MODES
+from streamcal.group import ReplicaGroup
+from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel
+from streamcal.schemas import register_schema
+from streamcal.stage import Stage, register_stage
+from streamcal.wire import Header
+
+__all__ = ["ModelSpec", "OptimizerSpec", "ITSAlignConfig", "ITSAlignWorker", "ITS_ALIGNMENT", "constants_batch"]
+
+ITS_ALIGNMENT = register_schema(
+    "its.alignment",
+    pa.schema(
+        [
+            pa.field("sensor", pa.int32(), nullable=False),
+            pa.field("alpha", pa.float64(), nullable=False),
+            pa.field("beta", pa.float64(), nullable=False),
+            pa.field("gamma", pa.float64(), nullable=False),
+            pa.field("tau1", pa.float64(), nullable=False),
+            pa.field("tau2", pa.float64(), nullable=False),
+            pa.field("tau3", pa.float64(), nullable=False),
+        ]
+    ),
+    doc="ITS alignment constants, one row per sensor: Theta = (alpha, beta, gamma) rad, ALICE Euler "
+    "convention, and (tau1, tau2, tau3) mm: the global delta transformation g = a_R (R_GEOM l + T_GEOM) + a_T.",
+    finite=("alpha", "beta", "gamma", "tau1", "tau2", "tau3"),
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec(Config):
+    """The cost's settings (``ITSAlignmentConfig``)."""
+
+    sigma_u: float = 0.005  # mm
+    sigma_v: float = 0.005
+    b_field: float = 0.5  # T
+    vertex: Literal["given", "fit", "none"] = "given"
+    sigma_vertex_xy: float = 0.015  # mm
+    sigma_vertex_z: float = 0.02
+    multiple_scattering: bool = True
+    precision: Literal["float64", "float32"] = "float64"
+
+    def validate(self) -> None:
+        try:
+            self.config()
+        except ValueError as exc:
+            self.fail("(values)", str(exc))
+
+    def config(self) -> ITSAlignmentConfig:
+        return ITSAlignmentConfig(**asdict(self))
+
+
+@dataclass(frozen=True)
+class OptimizerSpec(Config):
+    """Theta-space optimiser (``OptimizerConfig``)."""
+
+    method: Literal["gn", "sgd", "adam"] = "gn"
+    lr: float = 1.0  # gn: the dimensionless step, in (0, 2)
+    lr_rot: float = 1e-6  # sgd, adam: rates of the angles and ...
+    lr_trans: float = 1e-3  # ... of the translations
+    damping: float = 1e-6  # gn: relative Levenberg damping of the blocks
+    # gn: "stochastic" scales each step by n_b / N (events of the batch / events seen so far, or in
+    # the worker's whole partition from epoch 2 on); "constant": lr on every batch
+    schedule: Literal["stochastic", "constant"] = "stochastic"
+
+    def validate(self) -> None:
+        try:
+            self.config()
+        except ValueError as exc:
+            self.fail("(values)", str(exc))
+
+    def config(self) -> OptimizerConfig:
+        return OptimizerConfig(method=self.method, lr=self.lr, lr_rot=self.lr_rot, lr_trans=self.lr_trans,
+                               damping=self.damping)
+
+
+@dataclass(frozen=True)
+class ITSAlignConfig(Config):
+    geometry: GeometrySpec = field(default_factory=GeometrySpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    tau: int = 5  # steps between synchronisations
+    epochs: int = 3  # epoch 1 on the live stream, the others replay the spool
+    constrain_modes: tuple[str, ...] = ("rz",)  # global modes held at zero (Q^T Theta = 0)
+    fixed_layers: tuple[int, ...] = ()  # layers whose sensors stay at Theta = 0 (reference)
+    min_hits: int = 4  # tracks with fewer valid hits are rejected
+    publish_every: int = 1  # publish the constants after every N-th synchronisation
+    run_dir: str = ""  # theta.npy, metrics.jsonl, run.json (replica 0); "" = nowhere
+    spool_dir: str = ""  # where epoch 1's data is kept for the next epochs; "" = run_dir/spool or a temp dir
+    backend: Literal["gloo", "nccl", "auto"] = "gloo"
+    group_timeout_s: float = 120.0  # how long a synchronisation waits for a worker
+    threads: int = 0  # torch threads per worker (0: torch's default)
+
+    def validate(self) -> None:
+        if self.tau < 1:
+            self.fail("tau", f"must be >= 1, got {self.tau}")
+        if self.epochs < 1:
+            self.fail("epochs", f"must be >= 1, got {self.epochs}")
+        for m in self.constrain_modes:
+            if m not in WEAK_MODES + RIGID_MODES:
+                self.fail("constrain_modes", f"unknown mode {m!r}; known: {', '.join(WEAK_MODES + RIGID_MODES)}")
+        if self.fixed_layers and (min(self.fixed_layers) < 0 or max(self.fixed_layers) >= self.geometry.layers):
+            self.fail("fixed_layers", f"must be layer indices in 0..{self.geometry.layers - 1}, got {list(self.fixed_layers)}")
+        if self.min_hits < 3:
+            self.fail("min_hits", f"must be >= 3 (5 track parameters), got {self.min_hits}")
+        if self.publish_every < 1:
+            self.fail("publish_every", f"must be >= 1, got {self.publish_every}")
+        if not self.group_timeout_s > 0:
+            self.fail("group_timeout_s", f"must be > 0, got {self.group_timeout_s}")
+        if self.threads < 0:
+            self.fail("threads", f"must be >= 0, got {self.threads}")
+
+
+def constants_batch(theta: np.ndarray) -> pa.RecordBatch:
+    """Theta (N, 6) as an ``its.alignment`` record batch."""
+    theta = np.asarray(theta, dtype=np.float64)
+    cols = [pa.array(np.arange(theta.shape[0], dtype=np.int32))] + [pa.array(theta[:, k]) for k in range(6)]
+    return pa.RecordBatch.from_arrays(cols, schema=ITS_ALIGNMENT.schema)
+
+
+def _tensor_bytes(**arrays: Any) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _from_bytes(blob: bytes | None) -> dict[str, np.ndarray] | None:
+    if blob is None:
+        return None
+    with np.load(io.BytesIO(blob)) as z:
+        return {k: z[k] for k in z.files}
+
+
+@register_stage
+class ITSAlignWorker(Stage):
+    kind = "its_align"
+    Config = ITSAlignConfig
+    PROCESS_GROUP = True
+
+    @classmethod
+    def inputs(cls, config: ITSAlignConfig) -> dict[str, str]:
+        return {"hits": ITS_HITS.name}
+
+    @classmethod
+    def outputs(cls, config: ITSAlignConfig) -> dict[str, str]:
+        return {"out": ITS_ALIGNMENT.name}
+
+    # ------------------------------------------------------------------ set-up and restore
+    def setup(self) -> None:
+        cfg: ITSAlignConfig = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.geom = cfg.geometry.build()
+        self.model = ITSAlignmentModel.from_geometry(self.geom, cfg.model.config())
+        fixed = np.flatnonzero(np.isin(self.geom.layer, np.asarray(cfg.fixed_layers, dtype=np.int64)))
+        self.constraints = Constraints.build(self.geom, modes=cfg.constrain_modes, fixed=fixed)
+        self.opt = ThetaOptimizer(cfg.optimizer.config(), self.constraints)
+        self.group = ReplicaGroup(self.ctx.group_store, self.ctx.replica, self.ctx.replicas,
+                                  backend=cfg.backend, timeout_s=cfg.group_timeout_s)
+        n = self.geom.n_sensors
+        self.with_vertex = cfg.model.vertex == "given"
+        self.epoch = 1
+        self.syncs = 0
+        self.steps = 0  # steps of this replica (this incarnation)
+        self.pos = 0  # spooled batches done in the current replay epoch
+        self.events_seen = 0  # events of this partition seen in epoch 1 (the n_b / N schedule)
+        self.blocks_sum = torch.zeros(n, 6, 6, dtype=torch.float64)
+        self.blocks_events = 0
+        self._since = dict(mu=0, cost=0.0, events=0, steps=0)
+        self.epoch_totals = dict(cost=0.0, events=0.0)
+        self.epoch_costs: list[dict[str, float]] = []
+        self.rejects = RejectCounts()
+        self.t_start = time.monotonic()
+        self.t_range = [None, None]
+        self.published = 0
+        self.restored = False
+        self._metrics = None
+        if cfg.run_dir and self.ctx.replica == 0:  # one line per synchronisation, as it happens
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            self._metrics = open(Path(cfg.run_dir) / "metrics.jsonl", "a" if self.ctx.incarnation else "w")
+        self._rebuild_blocks = False
+        # the spool of epoch 1 (one file per incarnation, so a restarted replica keeps the data
+        # its previous incarnation received)
+        base = cfg.spool_dir or (str(Path(cfg.run_dir) / "spool") if cfg.run_dir else "")
+        if not base:
+            base = tempfile.mkdtemp(prefix="streamcal-its-spool-")
+        self.spool_dir = Path(base)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_path = self.spool_dir / f"{self.ctx.stage}-{self.ctx.replica}.{self.ctx.incarnation}.arrows"
+        if self.ctx.incarnation == 0:
+            for old in self.spool_dir.glob(f"{self.ctx.stage}-{self.ctx.replica}.*.arrows"):
+                old.unlink()  # a previous run's data
+        self._spool = pa.ipc.new_stream(str(self.spool_path), ITS_HITS.schema)
+        if self.ctx.incarnation:
+            self._restore()
+
+    def _restore(self) -> None:
+        """A restarted replica: Theta and the counts of the last synchronisation, and this
+        replica's own position, from the group's store."""
+        ck = _from_bytes(self.group.get("checkpoint"))
+        mine = _from_bytes(self.group.get(f"replica/{self.ctx.replica}"))
+        if ck is not None:
+            self.model.set_theta(torch.from_numpy(ck["theta"]))
+            self.epoch = int(ck["epoch"])
+            self.syncs = int(ck["syncs"])
+            self.epoch_totals = dict(cost=float(ck["epoch_cost"]), events=float(ck["epoch_events"]))
+            self.restored = True
+        if mine is not None:
+            self.events_seen = int(mine["events_seen"])
+            self.pos = int(mine["pos"])
+        self.log.warning("restored from synchronisation %d (epoch %d, position %d)", self.syncs, self.epoch, self.pos)
+
+    # ------------------------------------------------------------------ data
+    def process(self, port: str, batch: pa.RecordBatch, header: Header) -> None:
+        self._spool.write_batch(batch)
+        lo, hi = self.t_range
+        self.t_range = [header.t0_ns if lo is None else min(lo, header.t0_ns),
+                        header.t1_ns if hi is None else max(hi, header.t1_ns)]
+        self._step(batch, live=True)
+
+    def _step(self, hits: pa.RecordBatch, live: bool) -> None:
+        cfg: ITSAlignConfig = self.config
+        tb, cnt = pack_tracks(hits, self.geom, min_hits=cfg.min_hits, with_vertex=self.with_vertex)
+        if live:
+            self.rejects = self.rejects + cnt
+        if tb.n_tracks:
+            ev = tb.n_events
+            gn = cfg.optimizer.method == "gn"
+            if live:
+                self.events_seen += ev
+            if gn and (live or self._rebuild_blocks):  # the preconditioner: GN blocks per event, over the data seen
+                self.blocks_sum += hessian_blocks(self.model, tb) * ev
+                self.blocks_events += ev
+                self.opt.set_blocks(self.blocks_sum / self.blocks_events)
+            cost, grad = theta_gradient(self.model, tb)
+            if gn and cfg.optimizer.schedule == "stochastic":
+                grad = grad * (ev / max(self.events_seen, ev))
+            self.model.set_theta(self.opt.step(self.model.theta(), grad))
+            s = self._since
+            s["mu"] += tb.n_tracks
+            s["cost"] += cost * ev
+            s["events"] += ev
+        self._since["steps"] += 1
+        self.steps += 1
+        self.work += 1
+        if self._since["steps"] >= cfg.tau:
+            self._sync(active=True)
+
+    # ------------------------------------------------------------------ synchronisation
+    def _sync(self, active: bool) -> bool:
+        """One all-reduce: the weighted average of Theta and the cost sums. Returns whether any
+        worker is still active."""
+        s = self._since
+        theta = self.model.theta().detach().to(torch.float64)
+        extra = torch.tensor([s["mu"], float(active), s["cost"], s["events"], s["steps"]], dtype=torch.float64)
+        vec = torch.cat([theta.reshape(-1) * s["mu"], extra])
+        tot = self.group.allreduce_sum(vec)
+        n6 = theta.numel()
+        mu, n_active, cost, events, steps = (float(x) for x in tot[n6:])
+        if mu > 0:
+            self.model.set_theta((tot[:n6] / mu).reshape(theta.shape))
+        self.syncs += 1
+        self.epoch_totals["cost"] += cost
+        self.epoch_totals["events"] += events
+        self._since = dict(mu=0, cost=0.0, events=0, steps=0)
+        row = {"epoch": self.epoch, "sync": self.syncs, "step": self.steps, "cost": cost / events if events else None,
+               "tracks": int(mu), "active": int(n_active), "time_s": round(time.monotonic() - self.t_start, 3)}
+        self._checkpoint()
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+        if self.ctx.replica == 0:
+            if self.syncs % self.config.publish_every == 0 and mu > 0:
+                self._publish()
+        return n_active > 0
+
+    def _checkpoint(self) -> None:
+        if self.ctx.replicas == 1:
+            return
+        if self.ctx.replica == 0:
+            self.group.put("checkpoint", _tensor_bytes(
+                theta=self.model.theta().detach().numpy(), epoch=self.epoch, syncs=self.syncs,
+                epoch_cost=self.epoch_totals["cost"], epoch_events=self.epoch_totals["events"]))
+        self.group.put(f"replica/{self.ctx.replica}", _tensor_bytes(events_seen=self.events_seen, pos=self.pos))
+
+    def _publish(self) -> None:
+        if "out" not in self.ctx.outputs:
+            return
+        lo, hi = self.t_range
+        self.emit("out", constants_batch(self.model.theta().detach().numpy()), lo or 0, hi or 0,
+                  extra={"epoch": self.epoch, "sync": self.syncs})
+        self.published += 1
+
+    def _drain_epoch(self) -> None:
+        """Take part in synchronisations until every worker has ended this epoch."""
+        while self._sync(active=False):
+            self.work += 1
+        e = self.epoch_totals
+        row = {"epoch": self.epoch, "epoch_cost": e["cost"] / e["events"] if e["events"] else None,
+               "events": e["events"], "time_s": round(time.monotonic() - self.t_start, 3)}
+        self.epoch_costs.append(row)
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+        self.epoch_totals = dict(cost=0.0, events=0.0)
+
+    def _replay(self, start: int):
+        """The spooled batches of every incarnation, in order, from position ``start``."""
+        k = 0
+        files = sorted(self.spool_dir.glob(f"{self.ctx.stage}-{self.ctx.replica}.*.arrows"),
+                       key=lambda p: int(p.suffixes[-2].lstrip(".")))
+        for path in files:
+            try:
+                reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+                while True:
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        break
+                    if k >= start:
+                        yield batch
+                    k += 1
+            except (pa.ArrowInvalid, OSError) as exc:  # the tail a killed incarnation left unfinished
+                self.log.warning("spool %s: read up to a damaged tail (%s)", path.name, exc)
+
+    # ------------------------------------------------------------------ end of stream: the other epochs
+    def finish(self) -> None:
+        cfg: ITSAlignConfig = self.config
+        self._spool.close()
+        if self.epoch == 1:
+            self._drain_epoch()
+            self.epoch = 2
+            self.pos = 0
+        while self.epoch <= cfg.epochs:
+            # a replica restarted after epoch 1 has no preconditioner yet: built on this pass
+            self._rebuild_blocks = cfg.optimizer.method == "gn" and self.blocks_events == 0
+            for batch in self._replay(self.pos):
+                self.pos += 1
+                self._step(batch, live=False)
+            self._drain_epoch()
+            self.epoch += 1
+            self.pos = 0
+        if self.ctx.replica == 0:
+            self._publish()
+            self._write_outputs()
+
+    def _write_outputs(self) -> None:
+        cfg: ITSAlignConfig = self.config
+        if not cfg.run_dir:
+            return
+        out = Path(cfg.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "theta.npy", self.model.theta().detach().numpy())
+        if self._metrics is not None:
+            self._metrics.close()
+        prod = out / "producer.json"  # the data's configs, written there by the its_tracks source
+        if not prod.exists():
+            self.log.warning("no %s: run.json (for `streamcal evaluate align`) is not written", prod)
+            return
+        from streamcal.detectors.its.evaluation import RunConfig, write_run_json
+
+        data = json.loads(prod.read_text())
+        write_run_json(out, RunConfig.from_dict(json.loads(json.dumps({
+            "geometry": asdict(cfg.geometry.config()), "misalignment": data["misalignment"],
+            "simulation": data["simulation"], "model": asdict(cfg.model.config()),
+            "constraints": {"modes": list(cfg.constrain_modes), "fixed_layers": list(cfg.fixed_layers)},
+            "workers": self.ctx.replicas, "tau": cfg.tau, "epochs": cfg.epochs,
+            "optimizer": asdict(cfg.optimizer.config()),
+        }))))
+
+    def summary(self) -> dict:
+        rej = asdict(self.rejects)
+        return {"epochs": len(self.epoch_costs), "syncs": self.syncs, "steps": self.steps,
+                "events_seen": self.events_seen,
+                "epoch_cost": [e["epoch_cost"] for e in self.epoch_costs], "rejects": rej,
+                "published": self.published, "group": self.group.stats(), "pid": os.getpid()}

@@ -1,0 +1,130 @@
+"""``streamcal evaluate align``: the evaluation report of an ITS2 alignment run.
+
+    streamcal evaluate align --run RUN_DIR [--compare RUN_DIR2 ...] --report OUT_DIR
+                             [--events N] [--seed S] [--pt-spectrum run|uniform]
+
+Writes ``OUT_DIR/summary.json`` and the PNG figures of
+:mod:`streamcal.detectors.its.evaluation` (residual misalignment per layer, DCA_xy vs pT,
+chi2/ndf, cost history of the run and of the ``--compare`` runs).
+
+``add_subparser(subparsers)`` is called by the main ``streamcal`` CLI after
+``streamcal.evaluate`` has registered ``evaluate {sc1d,sc3d}``: it adds ``align`` to the choices
+of that command and its own options, and dispatches on the task (``--checkpoint`` stays
+mandatory for sc1d/sc3d, ``--run`` is for align). Without the TPC evaluation it registers
+``evaluate align`` alone. Invalid combinations print the reason and return 2; the function
+never calls ``sys.exit``. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_subparser", "cmd_evaluate_align"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _table(summary: dict[str, Any]) -> str:
+    h = summary["headline"]
+    units = h["residual_units"]
+
+    def num(v: float | None, fmt: str = ".3g") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    rows = [f"run {summary['run']['dir']} ({summary['run']['label']}, {summary['run']['n_sensors']} sensors)",
+            f"{'residual RMS':16s} " + " ".join(f"{d + ' [' + units[d] + ']':>14s}" for d in units)]
+    for key in ("before", "after"):
+        rows.append(f"{key:16s} " + " ".join(f"{num(h['residual_rms_' + key][d]):>14s}" for d in units))
+    rows.append("DCA_xy max |bias| [um]: " + ", ".join(f"{k} {num(v)}" for k, v in h["dca_bias_max_abs_um"].items()))
+    ratio = ", ".join(num(r) for r in h["dca_resolution_ratio_after_ideal"])
+    worst = num(h["dca_resolution_ratio_after_ideal_max"])
+    rows.append(f"DCA_xy resolution after / ideal per pT bin: [{ratio}], max {worst}")
+    rows.append("chi2/ndf mean: " + ", ".join(f"{k} {num(v)}" for k, v in h["chi2_ndf_mean"].items()))
+    return "\n".join(rows)
+
+
+def cmd_evaluate_align(args: argparse.Namespace) -> int:
+    """Run the evaluation of ``args.run`` and print the headline numbers."""
+    from streamcal.detectors.its.evaluation import FIGURES, EvaluationConfig, evaluate_alignment
+
+    if not args.run:
+        print("error: evaluate align needs --run RUN_DIR", file=sys.stderr)
+        return 2
+    if getattr(args, "checkpoint", None):
+        print("error: --checkpoint is for evaluate sc1d/sc3d; evaluate align takes --run RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        config = EvaluationConfig(events=args.events, seed=args.seed, pt_spectrum=args.pt_spectrum)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = evaluate_alignment(args.run, args.report, compare=args.compare or (), config=config,
+                                log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(_table(result.summary))
+    print(f"report: {result.report_dir / 'summary.json'} (+ {len(FIGURES)} PNG figures)")
+    return 0
+
+
+def _add_align_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("align (ITS2 alignment run)")
+    g.add_argument("--run", metavar="RUN_DIR",
+                   help="run directory of the alignment workers (run.json, theta.npy, theta_true.npy, metrics.jsonl)")
+    g.add_argument("--compare", nargs="+", action="extend", metavar="RUN_DIR",
+                   help="more run directories whose cost history is drawn beside the run's")
+    g.add_argument("--events", type=_positive_int, default=20_000, help="events per test sample (default 20000)")
+    g.add_argument("--pt-spectrum", choices=("run", "uniform"), default="run",
+                   help="pT spectrum of the test samples: the run's, or uniform over its range (fills high pT)")
+
+
+def add_subparser(subparsers: Any) -> None:
+    """Add ``align`` to ``streamcal evaluate`` (or register ``evaluate align`` alone)."""
+    parser = subparsers.choices.get("evaluate")
+    if parser is None:
+        parser = subparsers.add_parser("evaluate", help="evaluate an ITS2 alignment run",
+                                       description="Evaluate an ITS2 alignment run: summary.json and PNG figures.")
+        parser.add_argument("task", choices=["align"], help="what to evaluate")
+        parser.add_argument("--report", required=True, help="output directory: summary.json and the PNG figures")
+        parser.add_argument("--seed", type=int, help="align: seed of the test samples (default: derived from the "
+                                                     "run's training seed)")
+        _add_align_options(parser)
+        parser.set_defaults(func=cmd_evaluate_align)
+        return
+    actions = {a.dest: a for a in parser._actions}
+    task, checkpoint, seed = actions.get("task"), actions.get("checkpoint"), actions.get("seed")
+    if task is None or task.choices is None or "report" not in actions or seed is None:
+        raise RuntimeError("streamcal.detectors.its.cli: the 'evaluate' command has no positional 'task' with "
+                           "choices, --report and --seed to extend")
+    task.choices = [*task.choices, "align"]
+    task.help = f"{task.help}; align: an ITS2 alignment run (--run)"
+    seed.help = f"{seed.help}; align: seed of the test samples (default: derived from the run's training seed)"
+    if parser.description:
+        parser.description += " `evaluate align --run DIR`: the report of an ITS2 alignment run."
+    tpc_func = parser.get_default("func")
+    if checkpoint is not None and checkpoint.required:
+        checkpoint.required = False  # checked below for the tasks that need it
+        checkpoint.help = f"{checkpoint.help} (sc1d, sc3d: required)"
+    _add_align_options(parser)
+
+    def dispatch(args: argparse.Namespace) -> int:
+        if args.task == "align":
+            return cmd_evaluate_align(args)
+        given = [f"--{name.replace('_', '-')}" for name in ("run", "compare") if getattr(args, name)]
+        if given:
+            print(f"error: {', '.join(given)} only apply to evaluate align", file=sys.stderr)
+            return 2
+        if checkpoint is not None and getattr(args, checkpoint.dest) is None:
+            print(f"error: evaluate {args.task} needs --checkpoint DIR", file=sys.stderr)
+            return 2
+        return int(tpc_func(args))
+
+    parser.set_defaults(func=dispatch)
