@@ -118,12 +118,16 @@ class OptimizerSpec(Config):
     lr: float = 1.0  # gn: the dimensionless step, in (0, 2)
     lr_rot: float = 1e-6  # sgd, adam: rates of the angles and ...
     lr_trans: float = 1e-3  # ... of the translations
-    damping: float = 1e-6  # gn: relative Levenberg damping of the blocks
+    damping: float = 1e-2  # gn: relative Levenberg damping of the blocks (keeps steps along barely measured directions small)
     # gn: "stochastic" scales each step by n_b / N (events of the batch / events seen so far, or in
     # the worker's whole partition from epoch 2 on); "constant": lr on every batch
     schedule: Literal["stochastic", "constant"] = "stochastic"
+    # heavy-ball extrapolation between epochs: Theta_e += momentum (Theta_e - Theta_e-1)
+    momentum: float = 0.0
 
     def validate(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            self.fail("momentum", f"must be in [0, 1), got {self.momentum}")
         try:
             self.config()
         except ValueError as exc:
@@ -391,7 +395,13 @@ class ITSAlignWorker(Stage):
             self._drain_epoch()
             self.epoch = 2
             self.pos = 0
+        prev = None
         while self.epoch <= cfg.epochs:
+            beta = cfg.optimizer.momentum
+            if beta and prev is not None:  # every replica holds the same synchronised Theta here
+                th = self.model.theta().detach()
+                self.model.set_theta(th + beta * (th - prev))
+            prev = self.model.theta().detach().clone()
             # a replica restarted after epoch 1 has no preconditioner yet: built on this pass
             self._rebuild_blocks = cfg.optimizer.method == "gn" and self.blocks_events == 0
             for batch in self._replay(self.pos):

@@ -231,6 +231,7 @@ class _ActorImpl:
         rep["node_id"] = ray.get_runtime_context().get_node_id()
         rep["endpoints"] = self.endpoints()
         rep["niceness"] = os.nice(0)
+        rep["peak_rss_mb"] = _peak_rss_mb()
         return rep
 
     def shutdown(self) -> None:
@@ -337,6 +338,16 @@ def _interface(setting: str) -> str:
     """The address data-plane sockets bind to: ``node`` means this node's IP as Ray knows it
     (what a multi-machine cluster needs); anything else is taken as an address."""
     return ray.util.get_node_ip_address() if setting == "node" else setting
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (0 where the resource module is absent)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - not Linux
+        return 0.0
 
 
 def _rss_mb() -> float:

@@ -1,7 +1,9 @@
-"""``streamcal evaluate align``: the evaluation report of an ITS2 alignment run.
+"""ITS2 alignment commands: ``streamcal evaluate align`` and ``streamcal its export-mille``.
 
     streamcal evaluate align --run RUN_DIR [--compare RUN_DIR2 ...] --report OUT_DIR
                              [--events N] [--seed S] [--pt-spectrum run|uniform]
+    streamcal its export-mille --run RUN_DIR --out OUT_DIR [--at zero|fitted] [--min-hits N]
+                             [--normalisation cost|chi2] [--double] [--method M] [--min-entries N]
 
 Writes ``OUT_DIR/summary.json`` and the PNG figures of
 :mod:`streamcal.detectors.its.evaluation` (residual misalignment per layer, DCA_xy vs pT,
@@ -12,7 +14,12 @@ chi2/ndf, cost history of the run and of the ``--compare`` runs).
 of that command and its own options, and dispatches on the task (``--checkpoint`` stays
 mandatory for sc1d/sc3d, ``--run`` is for align). Without the TPC evaluation it registers
 ``evaluate align`` alone. Invalid combinations print the reason and return 2; the function
-never calls ``sys.exit``. Importing this module does not import torch.
+never calls ``sys.exit``.
+
+``its export-mille`` writes ``OUT_DIR/mp2data.bin`` (Millepede-II records of the run's spooled
+tracks), ``OUT_DIR/steer.txt`` (the ``pede`` steering file: fixed layers, constrained modes),
+``OUT_DIR/theta0.npy`` and ``OUT_DIR/summary.json`` (:mod:`streamcal.detectors.its.mille_export`).
+Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_subparser", "cmd_evaluate_align"]
+__all__ = ["add_subparser", "cmd_evaluate_align", "cmd_its_export_mille"]
 
 
 def _positive_int(text: str) -> int:
@@ -86,8 +93,72 @@ def _add_align_options(p: argparse.ArgumentParser) -> None:
                    help="pT spectrum of the test samples: the run's, or uniform over its range (fills high pT)")
 
 
+def cmd_its_export_mille(args: argparse.Namespace) -> int:
+    """Export the run ``args.run`` to Millepede-II files in ``args.out``; print what was written."""
+    from streamcal.detectors.its.mille_export import MILLE_FILE, STEERING_FILE, SUMMARY_FILE, export_run
+    from streamcal.errors import StreamcalError
+
+    try:
+        summary = export_run(args.run, args.out, at=args.at, min_hits=args.min_hits, double_precision=args.double,
+                             normalisation=args.normalisation, method=args.method, min_entries=args.min_entries,
+                             log=lambda s: print(s, file=sys.stderr, flush=True))
+    except StreamcalError:
+        raise  # names the run file; the main CLI prints it
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rej = summary["rejects"]
+    print(f"{summary['records']} records ({summary['tracks']} tracks, {summary['measurements']} measurements) "
+          f"-> {args.out}/{MILLE_FILE}; steering {args.out}/{STEERING_FILE} (method {summary['method']}, "
+          f"{summary['constraints']['written']} constraints, {summary['parameters']['fixed']} fixed parameters)")
+    packed = sum(rej.get(k, 0) for k in ("tracks_too_few_hits", "tracks_too_many_hits", "tracks_bad_vertex"))
+    print(f"rejected tracks: {packed} by the hit checks, {rej['tracks_zero_ndf']} without degrees of freedom; "
+          f"summary {args.out}/{SUMMARY_FILE}")
+    print(f"run: cd {args.out} && pede {STEERING_FILE}")
+    return 0
+
+
+def _add_its_group(subparsers: Any) -> None:
+    """Register ``streamcal its export-mille``."""
+    if "its" in subparsers.choices:
+        raise RuntimeError("streamcal.detectors.its.cli: a command 'its' is already registered")
+    its = subparsers.add_parser("its", help="ITS2 alignment tools (export-mille)",
+                                description="ITS2 alignment tools.")
+    its_sub = its.add_subparsers(dest="its_command", metavar="COMMAND", required=True)
+    p = its_sub.add_parser(
+        "export-mille", help="write a run's tracks as Millepede-II binary records and a pede steering file",
+        description="Write the tracks a run's alignment workers spooled (RUN_DIR/spool/*.arrows) as Millepede-II "
+                    "records (OUT_DIR/mp2data.bin: per track the xy and z residual of every hit and the vertex "
+                    "term, with local and global derivatives of the run's cost), a pede steering file "
+                    "(OUT_DIR/steer.txt: the fixed layers and constrained modes of run.json), the linearisation "
+                    "point OUT_DIR/theta0.npy and OUT_DIR/summary.json.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="run directory of the alignment workers (run.json, spool/*.arrows; theta.npy for --at fitted)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created)")
+    p.add_argument("--at", choices=("zero", "fitted"), default="zero",
+                   help="linearisation point: Theta = 0 (pede aligns from the ideal geometry; default) or the run's "
+                        "theta.npy (pede's corrections to it)")
+    p.add_argument("--min-hits", type=_positive_int, default=4,
+                   help="tracks with fewer valid hits are rejected (default 4, as the workers)")
+    p.add_argument("--normalisation", choices=("cost", "chi2"), default="cost",
+                   help="cost: sigmas scaled so that pede minimises the run's cost (times the total ndf; default); "
+                        "chi2: the plain sigmas, pede minimises the un-normalised chi2 sum")
+    p.add_argument("--double", action="store_true", help="float64 records (GBL MilleBinary) instead of float32")
+    p.add_argument("--method", default="auto",
+                   help="pede method (default auto: inversion up to 10000 parameters, else sparseMINRES-QLP)")
+    p.add_argument("--min-entries", type=_positive_int, default=1,
+                   help="pede's entries cut: parameters with fewer measurements are not fitted (default 1)")
+    p.set_defaults(func=cmd_its_export_mille)
+
+
 def add_subparser(subparsers: Any) -> None:
-    """Add ``align`` to ``streamcal evaluate`` (or register ``evaluate align`` alone)."""
+    """Add ``align`` to ``streamcal evaluate`` (or register ``evaluate align`` alone) and register
+    ``streamcal its export-mille``."""
+    _add_evaluate_align(subparsers)
+    _add_its_group(subparsers)
+
+
+def _add_evaluate_align(subparsers: Any) -> None:
     parser = subparsers.choices.get("evaluate")
     if parser is None:
         parser = subparsers.add_parser("evaluate", help="evaluate an ITS2 alignment run",
