@@ -40,7 +40,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +57,7 @@ from streamcal.detectors.its.align import (
     ThetaOptimizer,
     hessian_blocks,
     pack_tracks,
+    sgd_rates,
     theta_gradient,
 )
 from streamcal.detectors.its.misalignment import RIGID_MODES, WEAK_MODES
@@ -116,8 +117,10 @@ class OptimizerSpec(Config):
 
     method: Literal["gn", "sgd", "adam"] = "gn"
     lr: float = 1.0  # gn: the dimensionless step, in (0, 2)
-    lr_rot: float = 1e-6  # sgd, adam: rates of the angles and ...
-    lr_trans: float = 1e-3  # ... of the translations
+    # sgd, adam: rates of the angles and of the translations; sgd with 0: the largest stable rates
+    # for the data seen (align.sgd_rates on the Gauss-Newton blocks), updated during epoch 1
+    lr_rot: float = 0.0
+    lr_trans: float = 0.0
     damping: float = 1e-2  # gn: relative Levenberg damping of the blocks (keeps steps along barely measured directions small)
     # gn: "stochastic" scales each step by n_b / N (events of the batch / events seen so far, or in
     # the worker's whole partition from epoch 2 on); "constant": lr on every batch
@@ -125,7 +128,15 @@ class OptimizerSpec(Config):
     # heavy-ball extrapolation between epochs: Theta_e += momentum (Theta_e - Theta_e-1)
     momentum: float = 0.0
 
+    @property
+    def auto_rates(self) -> bool:
+        return self.method == "sgd" and (self.lr_rot <= 0 or self.lr_trans <= 0)
+
     def validate(self) -> None:
+        if self.method == "adam" and (self.lr_rot <= 0 or self.lr_trans <= 0):
+            self.fail("lr_rot", "adam needs positive lr_rot and lr_trans")
+        if self.lr_rot < 0 or self.lr_trans < 0:
+            self.fail("lr_rot", f"rates must be >= 0 (0: automatic for sgd), got {self.lr_rot}, {self.lr_trans}")
         if not 0.0 <= self.momentum < 1.0:
             self.fail("momentum", f"must be in [0, 1), got {self.momentum}")
         try:
@@ -134,7 +145,7 @@ class OptimizerSpec(Config):
             self.fail("(values)", str(exc))
 
     def config(self) -> OptimizerConfig:
-        return OptimizerConfig(method=self.method, lr=self.lr, lr_rot=self.lr_rot, lr_trans=self.lr_trans,
+        return OptimizerConfig(method=self.method, lr=self.lr, lr_rot=self.lr_rot or 1.0, lr_trans=self.lr_trans or 1.0,
                                damping=self.damping)
 
 
@@ -290,12 +301,18 @@ class ITSAlignWorker(Stage):
         if tb.n_tracks:
             ev = tb.n_events
             gn = cfg.optimizer.method == "gn"
+            need_blocks = gn or cfg.optimizer.auto_rates
             if live:
                 self.events_seen += ev
-            if gn and (live or self._rebuild_blocks):  # the preconditioner: GN blocks per event, over the data seen
+            if need_blocks and (live or self._rebuild_blocks):  # GN blocks per event, over the data seen
                 self.blocks_sum += hessian_blocks(self.model, tb) * ev
                 self.blocks_events += ev
-                self.opt.set_blocks(self.blocks_sum / self.blocks_events)
+                blocks = self.blocks_sum / self.blocks_events
+                if gn:  # the preconditioner
+                    self.opt.set_blocks(blocks)
+                else:  # the seed's SGD at the largest stable rates for the data seen
+                    lr_rot, lr_trans = sgd_rates(blocks)
+                    self.opt.config = replace(self.opt.config, lr_rot=lr_rot, lr_trans=lr_trans)
             cost, grad = theta_gradient(self.model, tb)
             if gn and cfg.optimizer.schedule == "stochastic":
                 grad = grad * (ev / max(self.events_seen, ev))
@@ -403,7 +420,7 @@ class ITSAlignWorker(Stage):
                 self.model.set_theta(th + beta * (th - prev))
             prev = self.model.theta().detach().clone()
             # a replica restarted after epoch 1 has no preconditioner yet: built on this pass
-            self._rebuild_blocks = cfg.optimizer.method == "gn" and self.blocks_events == 0
+            self._rebuild_blocks = (cfg.optimizer.method == "gn" or cfg.optimizer.auto_rates) and self.blocks_events == 0
             for batch in self._replay(self.pos):
                 self.pos += 1
                 self._step(batch, live=False)

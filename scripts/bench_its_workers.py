@@ -2,6 +2,8 @@
 
     python scripts/bench_its_workers.py                         # ITS2 inner barrel, 20k events, M = 1 2 4
     python scripts/bench_its_workers.py --geometry full --events 50000 --workers 1 2 --out bench.json
+    python scripts/bench_its_workers.py --workers 1 2 4 --taus 1 5 20 --keep runs/its_scan   # then
+    streamcal evaluate align --run runs/its_scan/m1_tau5 --compare runs/its_scan/m*_tau* --report runs/eval_scan
 
 Each case runs the real graph on a local Ray (``its_tracks`` -> ``its_align`` x M -> ``calib_store``,
 the structure of ``configs/its_align.yaml``) with equal partitions and ``--epochs`` epochs. Epoch 1
@@ -83,12 +85,12 @@ def graph(run_dir: Path, geometry: str, workers: int, events: int, epochs: int, 
     """)
 
 
-def run_case(args: argparse.Namespace, workers: int, base: Path) -> dict:
+def run_case(args: argparse.Namespace, workers: int, tau: int, base: Path) -> dict:
     from streamcal.graph import parse_graph
     from streamcal.runtime import run_graph
 
-    run_dir = base / f"m{workers}"
-    spec = parse_graph(graph(run_dir, GEOMETRIES[args.geometry], workers, args.events, args.epochs, args.tau,
+    run_dir = base / f"m{workers}_tau{tau}"
+    spec = parse_graph(graph(run_dir, GEOMETRIES[args.geometry], workers, args.events, args.epochs, tau,
                              args.events_per_message, args.threads,
                              args.min_hits or (3 if args.geometry == "ib" else 4)))
     t0 = time.monotonic()
@@ -111,6 +113,8 @@ def run_case(args: argparse.Namespace, workers: int, base: Path) -> dict:
     seed_tracks = SEED_EVENTS * SEED_TRACKS_PER_EVENT * SEED_EPOCHS
     return {
         "workers": workers,
+        "tau": tau,
+        "run_dir": str(run_dir) if args.keep else None,
         "wall_s": round(wall, 2),
         "epoch_end_s": t_end,
         "replay_epochs": len(replay),
@@ -132,7 +136,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--events-per-message", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--tau", type=int, default=5)
+    ap.add_argument("--taus", type=int, nargs="+", default=[5], help="steps between synchronisations (one case per value)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--min-hits", type=int, default=None, help="hits per track (default: 3 for ib, 4 for full)")
@@ -150,15 +154,17 @@ def main() -> None:
               "cases": []}
     try:
         with tempfile.TemporaryDirectory(prefix="streamcal-bench-its-") as tmp:
-            for m in args.workers:
-                case = run_case(args, m, args.keep or Path(tmp))
-                result["cases"].append(case)
-                print(f"M={m}: {case['tracks_per_s']:.0f} tracks/s over the replayed epochs, "
-                      f"peak worker RSS {case['peak_rss_mb_worker_max']:.0f} MB", flush=True)
+            for tau in args.taus:
+                for m in args.workers:
+                    case = run_case(args, m, tau, args.keep or Path(tmp))
+                    result["cases"].append(case)
+                    print(f"M={m}, tau={tau}: {case['tracks_per_s']:.0f} tracks/s over the replayed epochs, "
+                          f"peak worker RSS {case['peak_rss_mb_worker_max']:.0f} MB, epoch cost {case['epoch_cost']}",
+                          flush=True)
     finally:
         ray.shutdown()
-    base = result["cases"][0]["tracks_per_s"] if result["cases"] else None
-    for c in result["cases"]:
+    for c in result["cases"]:  # over M = the first worker count, same tau
+        base = next(b["tracks_per_s"] for b in result["cases"] if b["tau"] == c["tau"])
         c["speedup_vs_first"] = round(c["tracks_per_s"] / base, 3) if base else None
     result["load_after"] = os.getloadavg()
     text = json.dumps(result, indent=1)

@@ -26,7 +26,8 @@ from streamcal.testing import run_graph_local, run_stage
 GEOMETRY = "{layers: 3, chips_u: [1, 1, 1], chips_v: [2, 2, 2]}"  # the ITS2 inner barrel, 96 chips
 
 
-def graph(run_dir, *, replicas=1, partitions="[1.0]", events=3000, epochs=3, tau=2, restarts=0, stall=60) -> str:
+def graph(run_dir, *, replicas=1, partitions="[1.0]", events=3000, epochs=3, tau=2, restarts=0, stall=60,
+          optimizer="{method: gn}") -> str:
     return textwrap.dedent(f"""
     settings: {{interface: 127.0.0.1, stall_timeout_s: {stall}}}
     stages:
@@ -51,6 +52,7 @@ def graph(run_dir, *, replicas=1, partitions="[1.0]", events=3000, epochs=3, tau
           epochs: {epochs}
           min_hits: 3
           threads: 1
+          optimizer: {optimizer}
           run_dir: {run_dir}
         inputs: {{hits: hits}}
         outputs: {{out: constants}}
@@ -96,6 +98,16 @@ def test_one_worker_approaches_the_exact_minimum_and_stores_its_constants(tmp_pa
     stored = np.stack([np.asarray(table.column(c)) for c in ("alpha", "beta", "gamma", "tau1", "tau2", "tau3")], 1)
     np.testing.assert_array_equal(stored, np.load(tmp_path / "theta.npy"))
     assert (tmp_path / "run.json").exists() and (tmp_path / "theta_true.npy").exists()
+
+
+def test_the_seeds_sgd_at_automatic_rates_and_gauss_newton_with_momentum_both_converge(tmp_path):
+    costs = {}
+    for name, opt in (("sgd", "{method: sgd}"), ("gn", "{method: gn, lr: 1.5, momentum: 0.7}")):
+        res = run_graph_local(graph(tmp_path / name, optimizer=opt, epochs=4))
+        costs[name] = res.stage("align").summary()["epoch_cost"]
+        assert all(b < a for a, b in zip(costs[name], costs[name][1:])), (name, costs[name])
+    # the preconditioned option gets further in the same epochs
+    assert costs["gn"][-1] < costs["sgd"][-1]
 
 
 def test_bad_hits_are_rejected_counted_and_never_in_the_cost(tmp_path):
