@@ -122,6 +122,7 @@ class OptimizerSpec(Config):
     lr_rot: float = 0.0
     lr_trans: float = 0.0
     damping: float = 1e-2  # gn: relative Levenberg damping of the blocks (keeps steps along barely measured directions small)
+    damping_scale: Literal["global", "sensor"] = "sensor"  # relative to all sensors' mean diagonal, or each sensor's own
     # gn: "stochastic" scales each step by n_b / N (events of the batch / events seen so far, or in
     # the worker's whole partition from epoch 2 on); "constant": lr on every batch
     schedule: Literal["stochastic", "constant"] = "stochastic"
@@ -146,7 +147,7 @@ class OptimizerSpec(Config):
 
     def config(self) -> OptimizerConfig:
         return OptimizerConfig(method=self.method, lr=self.lr, lr_rot=self.lr_rot or 1.0, lr_trans=self.lr_trans or 1.0,
-                               damping=self.damping)
+                               damping=self.damping, damping_scale=self.damping_scale)
 
 
 @dataclass(frozen=True)
@@ -392,7 +393,9 @@ class ITSAlignWorker(Stage):
                        key=lambda p: int(p.suffixes[-2].lstrip(".")))
         for path in files:
             try:
-                reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+                # buffered reads, a batch at a time: a memory map would keep the whole spool
+                # (GBs at the seed's scale) resident in this process
+                reader = pa.ipc.open_stream(pa.input_stream(str(path), buffer_size=1 << 20))
                 while True:
                     try:
                         batch = reader.read_next_batch()

@@ -587,7 +587,10 @@ class OptimizerConfig:
             ``"adam"``). For ``"gn"`` only ``lr`` is used.
         lr: the dimensionless step eta of ``"gn"``, in (0, 2).
         betas, eps: Adam moments and denominator offset.
-        damping: relative Levenberg damping of the GN blocks (times the mean diagonal per DoF).
+        damping: relative Levenberg damping of the GN blocks: times the mean diagonal per DoF over
+            all sensors (``damping_scale="global"``) or Marquardt's, times each sensor's own
+            diagonal (``"sensor"``: the same relative damping for a chip at 22 mm and one at
+            390 mm, whose Theta-space curvatures differ by the lever arm squared).
     """
 
     method: Literal["sgd", "adam", "gn"] = "gn"
@@ -597,6 +600,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-12
     damping: float = 1e-6
+    damping_scale: Literal["global", "sensor"] = "global"
 
     def __post_init__(self) -> None:
         if self.method not in ("sgd", "adam", "gn"):
@@ -609,6 +613,8 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.lr is the GN step and must be in (0, 2), got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"OptimizerConfig.betas must be two values in [0, 1), got {self.betas}")
+        if self.damping_scale not in ("global", "sensor"):
+            raise ValueError(f"OptimizerConfig.damping_scale must be 'global' or 'sensor', got {self.damping_scale!r}")
         if not (self.eps > 0 and self.damping >= 0):
             raise ValueError(f"OptimizerConfig.eps must be > 0 and damping >= 0, got {self.eps}, {self.damping}")
 
@@ -645,7 +651,10 @@ class ThetaOptimizer:
         blocks = blocks.to(torch.float64)
         diag = blocks.diagonal(dim1=1, dim2=2)
         scale = diag.mean(0).clamp_min(1e-30)  # (6,) typical curvature per DoF
-        reg = torch.diag_embed((self.config.damping * scale + 1e-30 * scale.max()).expand(n, 6))
+        if self.config.damping_scale == "sensor":  # Marquardt: each sensor's own diagonal
+            reg = torch.diag_embed(self.config.damping * diag + 1e-12 * scale)
+        else:
+            reg = torch.diag_embed((self.config.damping * scale + 1e-30 * scale.max()).expand(n, 6))
         self._inv = torch.linalg.inv(blocks + reg)  # (N, 6, 6)
         self.blocks = blocks
 
