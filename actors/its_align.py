@@ -168,6 +168,7 @@ class ITSAlignConfig(Config):
     backend: Literal["gloo", "nccl", "auto"] = "gloo"
     group_timeout_s: float = 120.0  # how long a synchronisation waits for a worker
     threads: int = 0  # torch threads per worker (0: torch's default)
+    cache_mb: float = 1024.0  # packed tracks kept in memory for the replayed epochs (the rest is packed again)
 
     def validate(self) -> None:
         if self.tau < 1:
@@ -187,6 +188,8 @@ class ITSAlignConfig(Config):
             self.fail("group_timeout_s", f"must be > 0, got {self.group_timeout_s}")
         if self.threads < 0:
             self.fail("threads", f"must be >= 0, got {self.threads}")
+        if self.cache_mb < 0:
+            self.fail("cache_mb", f"must be >= 0 (0: pack the spool again every epoch), got {self.cache_mb}")
 
 
 def constants_batch(theta: np.ndarray) -> pa.RecordBatch:
@@ -257,6 +260,9 @@ class ITSAlignWorker(Stage):
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             self._metrics = open(Path(cfg.run_dir) / "metrics.jsonl", "a" if self.ctx.incarnation else "w")
         self._rebuild_blocks = False
+        self._spooled = 0  # batches spooled by this incarnation
+        self._packed: dict[tuple[int, int], Any] = {}  # (incarnation, index in its spool) -> TrackBatch
+        self._packed_bytes = 0
         # the spool of epoch 1 (one file per incarnation, so a restarted replica keeps the data
         # its previous incarnation received)
         base = cfg.spool_dir or (str(Path(cfg.run_dir) / "spool") if cfg.run_dir else "")
@@ -294,13 +300,22 @@ class ITSAlignWorker(Stage):
         lo, hi = self.t_range
         self.t_range = [header.t0_ns if lo is None else min(lo, header.t0_ns),
                         header.t1_ns if hi is None else max(hi, header.t1_ns)]
-        self._step(batch, live=True)
+        self._step(batch, live=True, key=(self.ctx.incarnation, self._spooled))
+        self._spooled += 1
 
-    def _step(self, hits: pa.RecordBatch, live: bool) -> None:
+    def _step(self, hits: pa.RecordBatch, live: bool, key: tuple[int, int] | None = None) -> None:
         cfg: ITSAlignConfig = self.config
-        tb, cnt = pack_tracks(hits, self.geom, min_hits=cfg.min_hits, with_vertex=self.with_vertex)
-        if live:
-            self.rejects = self.rejects + cnt
+        tb = self._packed.get(key) if key is not None else None
+        if tb is None:
+            tb, cnt = pack_tracks(hits, self.geom, min_hits=cfg.min_hits, with_vertex=self.with_vertex)
+            if live:
+                self.rejects = self.rejects + cnt
+            # keep the packed tracks (and the model's layout cached on them) for the next epochs,
+            # within the memory budget; beyond it, later epochs pack the spool again
+            size = sum(t.numel() * t.element_size() for t in (tb.sensor, tb.local, tb.mask, tb.event)) * 3
+            if key is not None and self._packed_bytes + size <= cfg.cache_mb * 2**20:
+                self._packed[key] = tb
+                self._packed_bytes += size
         if tb.n_tracks:
             ev = tb.n_events
             gn = cfg.optimizer.method == "gn"
@@ -394,6 +409,7 @@ class ITSAlignWorker(Stage):
         files = sorted(self.spool_dir.glob(f"{self.ctx.stage}-{self.ctx.replica}.*.arrows"),
                        key=lambda p: int(p.suffixes[-2].lstrip(".")))
         for path in files:
+            inc, j = int(path.suffixes[-2].lstrip(".")), 0
             try:
                 # buffered reads, a batch at a time: a memory map would keep the whole spool
                 # (GBs at the seed's scale) resident in this process
@@ -404,8 +420,9 @@ class ITSAlignWorker(Stage):
                     except StopIteration:
                         break
                     if k >= start:
-                        yield batch
+                        yield (inc, j), batch
                     k += 1
+                    j += 1
             except (pa.ArrowInvalid, OSError) as exc:  # the tail a killed incarnation left unfinished
                 self.log.warning("spool %s: read up to a damaged tail (%s)", path.name, exc)
 
@@ -426,9 +443,9 @@ class ITSAlignWorker(Stage):
             prev = self.model.theta().detach().clone()
             # a replica restarted after epoch 1 has no preconditioner yet: built on this pass
             self._rebuild_blocks = (cfg.optimizer.method == "gn" or cfg.optimizer.auto_rates) and self.blocks_events == 0
-            for batch in self._replay(self.pos):
+            for key, batch in self._replay(self.pos):
                 self.pos += 1
-                self._step(batch, live=False)
+                self._step(batch, live=False, key=key)
             self._drain_epoch()
             self.epoch += 1
             self.pos = 0
