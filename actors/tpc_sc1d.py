@@ -7,6 +7,15 @@ frame arrives, publishes the frame's correction fluctuation (dr, drphi, dz in cm
   1D IDC change (:func:`~streamcal.detectors.tpc.tasks.linear_scaler`);
 * ``method: model``: a trained 1D model (``checkpoint``).
 
+Both corrections are the same at every phi (the 1D IDCs carry no phi information; the linear
+scaler scales the nominal average correction, which is azimuthally symmetric), so by default
+(``payload: compact``) a frame's correction is published as the (3, nr, nz) map of schema
+``tpc.correction_rz/{grid}``, to be broadcast over phi by the reader: nphi times fewer values
+than the (3, nphi, nr, nz) map of ``tpc.correction/{grid}`` that ``payload: full`` publishes
+(4.6 kB instead of 313 kB per frame at 90x17x17, 14 kB instead of 2.35 MB at 180x33x33).
+``payload: full`` is the choice for a model trained with ``use_phi``, whose correction depends on
+phi; ``compact`` refuses such a model at setup.
+
 Bad input: NaN or wrongly shaped slices are rejected at the edge (schema); an interval that is
 not newer than the last one is rejected as ``out_of_order``; both are counted. A missing interval
 (gap) is filled with the last value and the frames whose window contains it are marked
@@ -26,8 +35,13 @@ import pyarrow as pa
 
 from streamcal.config import Config
 from streamcal.detectors.tpc.constants import parse_grid
-from streamcal.detectors.tpc.streams import IntervalRing, average_correction, correction_schema, idc_schema
-from streamcal.schemas import tensor_column
+from streamcal.detectors.tpc.streams import (
+    IntervalRing,
+    average_correction,
+    correction_rz_schema,
+    correction_schema,
+    idc_schema,
+)
 from streamcal.stage import Stage, register_stage
 from streamcal.wire import Header
 
@@ -43,6 +57,7 @@ class TPCSC1DConfig(Config):
     checkpoint: str = ""  # trained 1D model (method: model)
     frame_intervals: int = 10  # IDC intervals per time frame (10 x 1 ms)
     history: int = 200  # intervals of 1D IDC the correction uses (one ion drift time)
+    payload: Literal["compact", "full"] = "compact"  # compact: (3, nr, nz), the same at every phi (module doc)
 
     def validate(self) -> None:
         try:
@@ -68,12 +83,16 @@ class TPCSC1D(Stage):
 
     @classmethod
     def outputs(cls, config: TPCSC1DConfig) -> dict[str, str]:
-        return {"out": correction_schema(config.grid).name}
+        schema = correction_rz_schema if config.payload == "compact" else correction_schema
+        return {"out": schema(config.grid).name}
 
     def setup(self) -> None:
+        from streamcal.errors import ConfigError
+
         cfg: TPCSC1DConfig = self.config
         self.grid = parse_grid(cfg.grid)
-        self.schema = correction_schema(cfg.grid).schema
+        compact = cfg.payload == "compact"
+        self.schema = (correction_rz_schema if compact else correction_schema)(cfg.grid).schema
         self.ring = IntervalRing(cfg.history, fill=1.0)  # the 1D IDCs of the last drift time
         self.frame: int | None = None  # frame of the last interval
         self.frame_slices = 0
@@ -81,21 +100,59 @@ class TPCSC1D(Stage):
         self.last_sent_ns = 0
         self.frames = self.degraded = self.out_of_order = self.missing = 0
         self.compute_ns: list[int] = []
+        where = f"stage '{self.ctx.stage}'"
         if cfg.method == "linear":
             from streamcal.detectors.tpc.tasks import linear_scaler
 
-            self.avg = average_correction(self.grid).astype(np.float32)
+            avg = average_correction(self.grid).astype(np.float32)  # (3, nphi, nr, nz)
+            if compact:
+                # azimuthally symmetric (to float32 rounding): one phi node stands for all
+                if not np.allclose(avg, avg[:, :1], rtol=1e-5, atol=1e-6 * float(np.abs(avg).max())):
+                    raise ConfigError(where, "payload", "the average correction depends on phi: set payload: full")
+                avg = np.ascontiguousarray(avg[:, 0])  # (3, nr, nz)
+            self.avg = avg
             self.predict = lambda h: linear_scaler(self.avg, h)
         else:
             from streamcal.detectors.tpc.tasks import load_corrector
 
-            from streamcal.errors import ConfigError
-
             try:
                 corrector = load_corrector(cfg.checkpoint, task="sc1d", grid=self.grid)
             except ValueError as exc:
-                raise ConfigError(f"stage '{self.ctx.stage}'", "checkpoint", str(exc)) from None
-            self.predict = corrector.predict
+                raise ConfigError(where, "checkpoint", str(exc)) from None
+            if compact and not corrector.phi_independent:
+                raise ConfigError(where, "payload", f"the model in '{cfg.checkpoint}' depends on phi (model.use_phi): "
+                                                    "its correction needs payload: full")
+            # the per-frame fast path of a phi-independent network (SC1DCorrector.live_predictor)
+            fast = corrector.live_predictor(cfg.history) if corrector.phi_independent else None
+            if fast is None:  # none: the corrector's general path
+                self.predict = (lambda h: corrector.predict_batch(h[None], broadcast=False)[0]) if compact \
+                    else corrector.predict
+            elif compact:
+                self.predict = fast  # (3, nr, nz)
+            else:  # the same numbers, broadcast over phi: (3, nphi, nr, nz)
+                shape = (3, *self.grid.shape)
+                self.predict = lambda h: np.ascontiguousarray(np.broadcast_to(fast(h)[:, None], shape))
+        # the output batch, assembled per frame from cached parts (a frame is on the latency path)
+        self._tensor_type = self.schema.field("correction").type
+        self._tensor_size = int(np.prod(self._tensor_type.shape))
+        # (slices, missing, degraded) -> their one-row columns and the method's (Arrow arrays are immutable:
+        # shared by the batches); at most (frame_intervals + 1) (history + 1) 2 keys, a few in practice
+        self._tails: dict[tuple[int, int, bool], list[pa.Array]] = {}
+        self._method = pa.array([cfg.method], pa.utf8())
+        # warm up: the first call of a model sets up its fixed per-voxel factors (a second or so)
+        self._batch(0, self.predict(np.ones(cfg.history)), 0, 0, True)
+
+    def _batch(self, frame: int, corr: np.ndarray, slices: int, missing: int, degraded: bool) -> pa.RecordBatch:
+        """One row of the output schema, as ``tensor_column`` and ``pa.array`` would build it, in fewer
+        and cheaper calls (they run once per frame on the latency path, mostly with cold caches)."""
+        key = (slices, missing, bool(degraded))
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = self._tails[key] = [pa.array([slices], pa.int32()), pa.array([missing], pa.int32()),
+                                       pa.array([key[2]], pa.bool_()), self._method]
+        values = pa.array(np.ascontiguousarray(corr, dtype=np.float32).reshape(-1))  # zero-copy
+        tensor = pa.ExtensionArray.from_storage(self._tensor_type, pa.FixedSizeListArray.from_arrays(values, self._tensor_size))
+        return pa.RecordBatch.from_arrays([pa.array(np.array([frame], np.int64)), tensor, *tail], schema=self.schema)
 
     def process(self, port: str, batch: pa.RecordBatch, header: Header) -> None:
         cfg: TPCSC1DConfig = self.config
@@ -134,12 +191,7 @@ class TPCSC1D(Stage):
             history = np.concatenate([np.full(cfg.history - n_seen, fill), history])
         missing = self.ring.missing
         degraded = (not complete) or missing > 0 or self.frame_slices < cfg.frame_intervals or n_seen < cfg.history
-        corr = np.asarray(self.predict(history), dtype=np.float32)
-        batch = pa.RecordBatch.from_arrays(
-            [pa.array([frame], pa.int64()), tensor_column(corr[None]), pa.array([self.frame_slices], pa.int32()),
-             pa.array([missing], pa.int32()), pa.array([degraded], pa.bool_()), pa.array([cfg.method])],
-            schema=self.schema,
-        )
+        batch = self._batch(frame, self.predict(history), self.frame_slices, missing, degraded)
         self.compute_ns.append(time.perf_counter_ns() - t)
         t0 = self.frame_t0
         self.emit("out", batch, t0, t0 + cfg.frame_intervals * getattr(self, "frame_dt", 1_000_000),

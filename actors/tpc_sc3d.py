@@ -7,7 +7,10 @@ fluctuation (dr, drphi, dz in cm):
 
 * ``method: model``: a trained 3D U-Net (``checkpoint``) on the average density and the density
   fluctuation; a residual model also takes the 1D correction of the same frame (input ``pre``,
-  from ``tpc_sc1d``), frames wait for it;
+  from ``tpc_sc1d``), frames wait for it. That input is the phi-independent (3, nr, nz) map of
+  ``tpc.correction_rz/{grid}`` (``pre_payload: compact``, what ``tpc_sc1d`` publishes by default),
+  broadcast over phi here, or the full map of ``tpc.correction/{grid}`` (``pre_payload: full``,
+  for a ``tpc_sc1d`` with ``payload: full``); graph validation refuses a graph whose two settings differ;
 * ``method: numerical``: the ground truth (Poisson solve + Langevin corrections), the slow
   reference.
 
@@ -27,7 +30,7 @@ import pyarrow as pa
 
 from streamcal.config import Config
 from streamcal.detectors.tpc.constants import parse_grid
-from streamcal.detectors.tpc.streams import IntervalRing, correction_schema, idc_schema
+from streamcal.detectors.tpc.streams import IntervalRing, correction_rz_schema, correction_schema, idc_schema
 from streamcal.schemas import tensor_column, tensor_to_numpy
 from streamcal.stage import Stage, register_stage
 from streamcal.wire import Header
@@ -45,6 +48,7 @@ class TPCSC3DConfig(Config):
     batch: int = 8  # frames per inference call
     max_wait_frames: int = 8  # a queued frame is predicted at the latest this many frames later
     residual_input: bool = False  # wire the 1D correction on input 'pre' (residual models need it)
+    pre_payload: Literal["compact", "full"] = "compact"  # the 1D correction's schema on 'pre' (module doc)
 
     def validate(self) -> None:
         try:
@@ -69,7 +73,8 @@ class TPCSC3D(Stage):
     def inputs(cls, config: TPCSC3DConfig) -> dict[str, str]:
         ports = {"idc": idc_schema(config.grid).name}
         if config.residual_input:
-            ports["pre"] = correction_schema(config.grid).name
+            schema = correction_rz_schema if config.pre_payload == "compact" else correction_schema
+            ports["pre"] = schema(config.grid).name
         return ports
 
     @classmethod
@@ -88,7 +93,7 @@ class TPCSC3D(Stage):
         self.ring = IntervalRing(self.n_t, (self.grid.nphi, self.grid.nr))  # readout signal per interval
         self.average = average_density(self.grid, self.live.config)
         self.queue: list[dict] = []  # frames waiting for inference
-        self.pre: dict[int, np.ndarray] = {}  # 1D corrections by frame
+        self.pre: dict[int, np.ndarray] = {}  # 1D corrections by frame: (3, nr, nz) compact, (3, nphi, nr, nz) full
         self.frames = self.degraded = self.out_of_order = self.missing = 0
         self.infer_ns: list[tuple[int, int]] = []  # (frames, ns) per call
         self.corrector = None
@@ -177,6 +182,7 @@ class TPCSC3D(Stage):
             out = (corr - self.avg_correction[None]).astype(np.float32)
         else:
             avg = np.broadcast_to(self.average, dens.shape)
+            # (B, 3, nr, nz) compact, broadcast over phi by the corrector, or (B, 3, nphi, nr, nz)
             pre = np.stack([self.pre.pop(q["frame"]) for q in items]) if self.corrector.needs_precorrection else None
             out = self.corrector.predict_batch(avg, dens - avg, pre)
         self.infer_ns.append((len(items), time.perf_counter_ns() - t))

@@ -8,6 +8,7 @@ distortions + corrections on the same grid), the reason to use a learned correct
 
     python scripts/bench_tpc_live.py --json bench-tpc-live.json
     python scripts/bench_tpc_live.py --grids 90x17x17 --seconds 2 --method model --checkpoint ckpt.pt
+    python scripts/bench_tpc_live.py --payload full     # the (3, nphi, nr, nz) map instead of (3, nr, nz)
 
 Prints one JSON document; the target is p99 <= 2 ms for the 1D correction on CPU.
 """
@@ -36,7 +37,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, source: str, recording: str) -> str:
+def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, source: str, recording: str,
+           payload: str) -> str:
     from streamcal.detectors.tpc.constants import parse_grid
 
     ckpt = f", checkpoint: {checkpoint}" if checkpoint else ""
@@ -61,7 +63,7 @@ def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, s
       - name: sc1d
         kind: tpc_sc1d
         resources: {{niceness: 0}}
-        config: {{grid: {grid}, method: {method}{ckpt}}}
+        config: {{grid: {grid}, method: {method}, payload: {payload}{ckpt}}}
         inputs: {{idc: idc}}
         outputs: {{out: corrections}}
     streams:
@@ -105,17 +107,31 @@ def _subscribe(endpoint: str, grid: str, ready, stop, results) -> None:
 def _receive(endpoint: str, grid: str, ready, stop, results) -> None:
     import zmq
 
-    from streamcal import wire
-    from streamcal.detectors.tpc.streams import correction_schema
+    import pyarrow as pa
 
-    correction_schema(grid)  # registers the schema the frames carry
+    from streamcal import wire
+    from streamcal.detectors.tpc.streams import correction_rz_schema, correction_schema
+    from streamcal.schemas import tensor_column
+
+    # the schemas the frames carry (full, compact) registered, and the decoding path warmed up on one
+    # message of each: the first decode in a process sets up ~50 ms of lazy state, which would hold
+    # up the first frames (a reconstruction client runs for hours)
+    for info in (correction_schema(grid), correction_rz_schema(grid)):
+        shape = info.schema.field("correction").type.shape
+        example = pa.RecordBatch.from_arrays(
+            [pa.array([0], pa.int64()), tensor_column(np.zeros((1, *shape), np.float32)), pa.array([0], pa.int32()),
+             pa.array([0], pa.int32()), pa.array([False]), pa.array(["warm-up"])], schema=info.schema)
+        head = wire.Header(stream="corrections", seq=0, producer="sc1d/0", t0_ns=0, t1_ns=0, schema=info.name,
+                           fp=info.fingerprint, extra={"trigger_sent_ns": 0})
+        _, batch = wire.decode(wire.encode(head, example))
+        batch.column("degraded")[0].as_py()
     zctx = zmq.Context()
     sock = zctx.socket(zmq.SUB)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.setsockopt(zmq.RCVHWM, 10_000)
     sock.connect(endpoint)
     ready.set()
-    total, stage, delivery, degraded = [], [], [], 0
+    total, stage, delivery, degraded, nbytes = [], [], [], 0, []
     while not stop.is_set():
         if not sock.poll(100, zmq.POLLIN):
             continue
@@ -129,9 +145,11 @@ def _receive(endpoint: str, grid: str, ready, stop, results) -> None:
         stage.append(header.sent_ns - trigger)
         delivery.append(now - header.sent_ns)
         degraded += int(batch.column("degraded")[0].as_py())
+        nbytes.append(len(frames[1].buffer))
     sock.close(0)
     zctx.term()
-    results.put({"total_ns": total, "stage_ns": stage, "delivery_ns": delivery, "degraded": degraded})
+    results.put({"total_ns": total, "stage_ns": stage, "delivery_ns": delivery, "degraded": degraded,
+                 "payload_bytes": int(np.median(nbytes)) if nbytes else None})
 
 
 def _percentiles(ns: list[int], skip: int = 5) -> dict | None:
@@ -158,7 +176,8 @@ def _ground_truth_ms(grid: str, repeat: int = 5) -> dict:
     return {"median_ms": round(float(np.median(times)), 2), "min_ms": round(min(times), 2), "repeat": repeat}
 
 
-def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, workdir: str) -> dict:
+def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, workdir: str,
+          payload: str = "compact") -> dict:
     from streamcal.graph import parse_graph
     from streamcal.runtime import run_graph
 
@@ -173,7 +192,7 @@ def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, 
     recording = os.path.join(workdir, f"idc-{grid}.arrow")
     if source == "replay" and not os.path.exists(recording):
         _record(grid, intervals, recording)
-    res = run_graph(parse_graph(_graph(grid, intervals, port, method, checkpoint, source, recording)),
+    res = run_graph(parse_graph(_graph(grid, intervals, port, method, checkpoint, source, recording, payload)),
                     print_summary=False, progress=False)
     time.sleep(0.3)
     stop.set()
@@ -188,6 +207,8 @@ def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, 
         "grid": grid,
         "method": method,
         "source": source,
+        "payload": payload,
+        "payload_bytes": got["payload_bytes"],
         "status": res.status,
         "idc_intervals": intervals,
         "frames_published": rows["sc1d"]["out_msgs"],
@@ -211,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", default="live,replay",
                    help="IDC source: live (simulated in the graph, ~0.3 ms of CPU per interval) and/or replay "
                         "(the same stream recorded first, as IDCs arrive from the detector in production)")
+    p.add_argument("--payload", choices=("compact", "full"), default="compact",
+                   help="the correction as published: compact (3, nr, nz), the same at every phi, or the full "
+                        "(3, nphi, nr, nz) map")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -220,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-tpc-") as workdir:
-            runs = [bench(g, args.seconds, args.method, args.checkpoint, src, workdir)
+            runs = [bench(g, args.seconds, args.method, args.checkpoint, src, workdir, args.payload)
                     for g, src in tqdm([(g, s) for g in args.grids.split(",") for s in args.sources.split(",")],
                                        desc="runs", file=sys.stderr)]
     finally:

@@ -139,11 +139,33 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 # --------------------------------------------------------------------------- your processing
+def tpc_correction_map(schema: str, batch: pa.RecordBatch) -> np.ndarray:
+    """The TPC correction of a ``tpc.correction/{nphi}x{nr}x{nz}`` or
+    ``tpc.correction_rz/{nphi}x{nr}x{nz}`` batch as the map (rows, 3, nphi, nr, nz) in cm.
+
+    ``tpc.correction_rz`` carries a correction that is the same at every phi (the 1D correction)
+    as (rows, 3, nr, nz); it is broadcast over the ``nphi`` azimuthal nodes named in the schema
+    (a read-only view, no copy: index it, or ``np.array(...)`` it to own the values)."""
+    arr = batch.column("correction").to_numpy_ndarray()
+    if not schema.startswith("tpc.correction_rz/"):
+        return arr
+    nphi, nr, nz = (int(d) for d in schema.split("/", 1)[1].split("x"))
+    if arr.shape[1:] != (3, nr, nz):
+        raise ValueError(f"{schema}: correction of shape {arr.shape[1:]}, expected {(3, nr, nz)}")
+    return np.broadcast_to(arr[:, :, None], (arr.shape[0], 3, nphi, nr, nz))
+
+
 def handle_batch(header: dict[str, Any], batch: pa.RecordBatch) -> dict[str, Any]:
-    """Per-message processing; here: a summary per column (numeric sum, tensor shape)."""
+    """Per-message processing; here: a summary per column (numeric sum, tensor shape). A TPC
+    correction is summarised as the full (rows, 3, nphi, nr, nz) map, whichever payload carried it."""
     out: dict[str, Any] = {}
+    tpc = header["schema"].startswith(("tpc.correction/", "tpc.correction_rz/"))
     for f, col in zip(batch.schema, batch.columns):
-        if isinstance(f.type, pa.FixedShapeTensorType):
+        if tpc and f.name == "correction":
+            arr = tpc_correction_map(header["schema"], batch)
+            out[f.name] = {"shape": list(arr.shape), "sum": float(arr.sum()),
+                           "phi_independent": header["schema"].startswith("tpc.correction_rz/")}
+        elif isinstance(f.type, pa.FixedShapeTensorType):
             arr = col.to_numpy_ndarray()  # (rows, *shape), row-major
             out[f.name] = {"shape": list(arr.shape), "sum": float(arr.sum())}
         elif pa.types.is_integer(f.type) or pa.types.is_floating(f.type):
@@ -245,6 +267,7 @@ def run(args: argparse.Namespace, endpoints: list[str]) -> int:
                     latency_ms = (recv_ns - header["sent_ns"]) / 1e6
                     cols = " ".join(
                         f"{k}:sum={v['sum']:.6g}" + (f",shape={_dims(v['shape'])}" if "shape" in v else "")
+                        + (",phi-independent" if v.get("phi_independent") else "")
                         for k, v in columns.items()
                     )
                     report(args, {**base, "schema": header["schema"], "rows": batch.num_rows, "missed": missed,

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from streamcal.detectors.tpc.streams import average_correction, idc_schema
+from streamcal.detectors.tpc.streams import average_correction, broadcast_over_phi, idc_schema
 from streamcal.detectors.tpc.tasks import linear_scaler
 from streamcal.schemas import tensor_column, tensor_to_numpy
 from streamcal.testing import run_graph_local, run_stage
@@ -41,7 +41,9 @@ def test_one_correction_per_frame_equal_to_the_linear_scaler():
     window = np.array([vals[k] for k in range(50, 250)])
     avg = average_correction(GRID)
     want = avg * (window.mean() - 1.0)  # closed form of the baseline
-    got = tensor_to_numpy(b.column("correction"))[0]
+    # published phi-independent, (3, nr, nz): the same at every phi
+    assert h.schema == f"tpc.correction_rz/{GRID}"
+    got = broadcast_over_phi(tensor_to_numpy(b.column("correction"))[0], GRID)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(linear_scaler(avg, window), want)
     assert "trigger_sent_ns" in h.extra
@@ -161,3 +163,27 @@ def test_interval_ring_orders_fills_gaps_and_refuses_old_intervals():
     r.put(5, 5.0), r.put(6, 6.0)
     assert r.missing == 1  # interval 3 is still in the window
     np.testing.assert_array_equal(r.ordered(), [1.0, 4.0, 5.0, 6.0])
+
+
+def test_interval_ring_matches_a_plain_list_of_the_window():
+    """The doubled buffer gives the window in time order, the same as a list of what arrived with
+    gaps filled by the last value, through wrap-arounds and gaps longer than the window."""
+    from streamcal.detectors.tpc.streams import IntervalRing
+
+    rng = np.random.default_rng(7)
+    r = IntervalRing(5, shape=(2,))
+    window: list[tuple[int, np.ndarray, bool]] = []  # (interval, value, present)
+    k = -1
+    for i in range(200):
+        k += 1 if i == 0 else int(rng.choice([1, 1, 1, 2, 4, 9]))  # gaps of 1, 3 and 8 intervals too
+        v = rng.normal(size=2)
+        held = window[-1][1] if window else None
+        window += [(j, held, False) for j in range(window[-1][0] + 1 if window else k, k)]
+        window.append((k, v, True))
+        window = window[-5:]
+        r.put(k, v)
+        want = np.array([w[1] for w in window])
+        got = r.ordered()
+        np.testing.assert_array_equal(got, want)
+        assert not got.flags.writeable and r.seen == len(window)
+        assert r.missing == sum(not w[2] for w in window) == r.seen - r.present.sum()

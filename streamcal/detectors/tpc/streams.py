@@ -10,6 +10,13 @@ schema), and the numerical pieces the stages share.
   ``missing`` (intervals missing in the whole window the correction used), ``degraded`` (true
   when any interval of the frame or of its window was missing: computed from what arrived, the
   gaps filled with the last value), ``method``.
+* ``tpc.correction_rz/{nphi}x{nr}x{nz}``: the same for a correction that does not depend on phi
+  (the 1D correction: the 1D IDCs carry no phi information), with the same fields except
+  ``correction`` (float32 [3, nr, nz], cm): the map at every phi, to be broadcast over the grid's
+  ``nphi`` azimuthal nodes (:func:`broadcast_over_phi`) to get the [3, nphi, nr, nz] map of
+  ``tpc.correction``. The name keeps the whole grid, so a writer and a reader of different grids
+  disagree at graph validation. The payload holds ``nphi`` times fewer values (one frame,
+  90x17x17: 4.6 kB instead of 313 kB; 180x33x33: 14 kB instead of 2.35 MB).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import pyarrow as pa
 from streamcal.detectors.tpc.constants import Grid, parse_grid
 from streamcal.schemas import SchemaInfo, register_schema, tensor_type
 
-__all__ = ["idc_schema", "correction_schema", "average_correction", "IntervalRing"]
+__all__ = ["idc_schema", "correction_schema", "correction_rz_schema", "broadcast_over_phi", "average_correction",
+           "IntervalRing"]
 
 
 def idc_schema(grid: Grid | str) -> SchemaInfo:
@@ -56,6 +64,38 @@ def correction_schema(grid: Grid | str) -> SchemaInfo:
     )
 
 
+def correction_rz_schema(grid: Grid | str) -> SchemaInfo:
+    """The phi-independent correction of one time frame: ``correction`` (3, nr, nz), the same at every phi."""
+    g = parse_grid(grid)
+    return register_schema(
+        f"tpc.correction_rz/{g}",
+        pa.schema([
+            pa.field("frame", pa.int64(), nullable=False),
+            pa.field("correction", tensor_type(pa.float32(), (3, g.nr, g.nz)), nullable=False),
+            pa.field("slices", pa.int32(), nullable=False),
+            pa.field("missing", pa.int32(), nullable=False),
+            pa.field("degraded", pa.bool_(), nullable=False),
+            pa.field("method", pa.utf8(), nullable=False),
+        ]),
+        doc="Space-charge correction fluctuation (dr, drphi, dz in cm) of one 10 ms time frame, independent of "
+            "phi: correction[c, r, z] holds at every phi node (broadcast over phi for the full map).",
+        finite=("correction",),
+    )
+
+
+def broadcast_over_phi(correction: np.ndarray, grid: Grid | str) -> np.ndarray:
+    """A phi-independent correction (..., 3, nr, nz) as the full map (..., 3, nphi, nr, nz): a read-only
+    view, no copy. A full map passes through unchanged; any other shape is a ``ValueError``."""
+    g = parse_grid(grid)
+    c = np.asarray(correction)
+    if c.shape[-4:] == (3, g.nphi, g.nr, g.nz) and c.ndim >= 4:
+        return c
+    if c.ndim < 3 or c.shape[-3:] != (3, g.nr, g.nz):
+        raise ValueError(f"a correction on grid {g} is (..., 3, {g.nr}, {g.nz}) (phi-independent) or "
+                         f"(..., 3, {g.nphi}, {g.nr}, {g.nz}), got shape {c.shape}")
+    return np.broadcast_to(c[..., None, :, :], (*c.shape[:-2], g.nphi, g.nr, g.nz))
+
+
 def average_correction(grid: Grid | str, density_config=None) -> np.ndarray:
     """Correction (3, nphi, nr, nz) in cm of the nominal average density (the numerical solution)."""
     import torch
@@ -75,13 +115,24 @@ class IntervalRing:
 
     ``put(k, value)`` returns the number of intervals missing before ``k`` (0 normally), or -1 when
     ``k`` is not newer than the last interval (out of order: nothing is stored).
+
+    Every value is stored twice, at slot ``k % length`` and ``length`` further, so that the window
+    in time order is one contiguous slice (:meth:`ordered` copies and rolls nothing: it runs once
+    per 10 ms frame on the latency path), and the count of intervals present is kept as they come.
     """
 
     def __init__(self, length: int, shape: tuple[int, ...] = (), fill: float = 0.0) -> None:
         self.length = int(length)
-        self.values = np.full((self.length, *shape), fill, dtype=np.float64)
+        self._buf = np.full((2 * self.length, *shape), fill, dtype=np.float64)  # slot j == slot j + length
         self.present = np.zeros(self.length, dtype=bool)
+        self._n_present = 0  # == present.sum()
         self.last: int | None = None
+
+    def _set(self, j: int, value: Any, present: bool) -> None:
+        self._buf[j] = value
+        self._buf[j + self.length] = value
+        self._n_present += int(present) - int(self.present[j])
+        self.present[j] = present
 
     def put(self, k: int, value: Any) -> int:
         if self.last is not None and k <= self.last:
@@ -89,12 +140,10 @@ class IntervalRing:
         gap = 0
         if self.last is not None and k > self.last + 1:
             gap = k - self.last - 1
-            held = self.values[self.last % self.length].copy()
+            held = self._buf[self.last % self.length].copy()
             for j in range(self.last + 1, min(k, self.last + 1 + self.length)):
-                self.values[j % self.length] = held
-                self.present[j % self.length] = False
-        self.values[k % self.length] = value
-        self.present[k % self.length] = True
+                self._set(j % self.length, held, False)
+        self._set(k % self.length, value, True)
         self.last = k
         return gap
 
@@ -106,10 +155,14 @@ class IntervalRing:
     @property
     def missing(self) -> int:
         """Intervals in the window that never arrived (filled)."""
-        return int(self.seen - self.present.sum())
+        return self.seen - self._n_present
 
     def ordered(self) -> np.ndarray:
-        """The covered intervals, oldest first: shape (seen, *shape)."""
+        """The covered intervals, oldest first: shape (seen, *shape). A read-only view, valid until the
+        next :meth:`put` (copy it to keep it)."""
         if self.last is None:
-            return self.values[:0]
-        return np.roll(self.values, -((self.last + 1) % self.length), axis=0)[self.length - self.seen:]
+            return self._buf[:0]
+        end = self.last % self.length + 1 + self.length
+        window = self._buf[end - self.seen:end]
+        window.flags.writeable = False
+        return window

@@ -49,7 +49,7 @@ import hashlib
 import json
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -736,6 +736,44 @@ class _NumpyBilinearHead:
         return out.reshape(feats.shape[0], -1, 3)
 
 
+class _LiveSC1D:
+    """The live stage's whole per-frame work for a phi-independent bilinear network on the nominal
+    average map: ``h`` (n_t,) relative 1D IDCs -> the correction (3, nr, nz) cm, float32, in eight
+    matrix products and a few element-wise operations, with everything that does not depend on
+    ``h`` folded into fixed matrices: the Fourier features and their standardisation into one
+    affine map (the first ``n_fourier`` rfft coefficients of ``h - 1`` over ``n_t``, as
+    :func:`~streamcal.detectors.tpc.idc.idc_fourier`), the target scale and the output order into
+    the per-voxel factors. A frame is computed after the process slept for most of the 10 ms, with
+    cold caches, where each numpy call costs several times its warm time, so fewer calls is what
+    counts (on 2 cores, 90x17x17: ~0.2 ms instead of ~0.45 ms after a 10 ms sleep, 30 instead of
+    65 us warm). Same numbers as :meth:`SC1DCorrector.predict_batch` to float32 rounding (tested)."""
+
+    def __init__(self, head: _NumpyBilinearHead, state: dict[str, np.ndarray], n_fourier: int, n_t: int,
+                 out_shape: tuple[int, int, int]) -> None:
+        dft = np.fft.rfft(np.eye(n_t), axis=-1)[:, :n_fourier] / n_t  # (n_t, k): row j = the transform of e_j
+        dft = np.concatenate([dft.real, dft.imag], axis=1)  # (n_t, 2k) [Re, Im], as idc_fourier
+        std, mean = np.asarray(state["idc_std"], np.float64), np.asarray(state["idc_mean"], np.float64)
+        self.features = dft / std  # (n_t, 2k): (rfft(h - 1) / n_t - mean) / std = h @ features + bias
+        self.bias = -(dft.sum(axis=0) + mean) / std  # (2k,)
+        self.layers, self.activation, self.linear = head.layers, head.activation, head.linear
+        p = head.factors.shape[1] // 3
+        scale = np.repeat(np.asarray(state["target_scale"], np.float64), p)  # (3 P,) cm, component-major
+        order = (np.arange(p)[None, :] * 3 + np.arange(3)[:, None]).ravel()  # column c P + p <- p 3 + c
+        self.factors = (head.factors[:, order] * scale).astype(np.float32)  # (R, 3 P)
+        self.offset = (head.offset[order] * scale).astype(np.float32)  # (3 P,)
+        self.out_shape = out_shape
+        self.n_t = n_t
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        x = (h @ self.features + self.bias).astype(np.float32)  # (2k,)
+        y = x
+        for i, (w, b) in enumerate(self.layers):
+            y = y @ w + b
+            if i < len(self.layers) - 1:
+                y = self.activation(y)
+        return ((x @ self.linear + y) @ self.factors + self.offset).reshape(self.out_shape)  # (3, nr, nz)
+
+
 class SC1DCorrector:
     """A trained 1D correction for inference (see :func:`load_corrector`).
 
@@ -756,6 +794,25 @@ class SC1DCorrector:
         self._numpy_head: _NumpyBilinearHead | None = None  # and, on CPU, its IDC part in numpy
         self._position = torch.from_numpy(positions(self.grid, config.model.use_phi)).to(device)  # (P, n_pos)
 
+    @property
+    def phi_independent(self) -> bool:
+        """True when the correction is the same at every phi (a model without ``use_phi``):
+        ``predict_batch(..., broadcast=False)`` then gives it as (B, 3, nr, nz)."""
+        return not self.model_config.use_phi
+
+    def live_predictor(self, n_t: int) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The live per-frame prediction for the nominal average map: ``h`` (n_t,) finite relative 1D
+        IDCs -> (3, nr, nz) cm float32, the phi-independent correction of :meth:`predict` (to float32
+        rounding) in a fraction of its time (:class:`_LiveSC1D`). None where there is no such fast
+        path (a model with ``use_phi``, another architecture, a GPU device): use :meth:`predict`."""
+        if self.model_config.use_phi or self.model_config.architecture != "bilinear" or isinstance(self.model, SC1DTrees):
+            return None
+        self.predict_batch(np.ones((1, n_t)))  # sets up the per-voxel factors (and the numpy head on CPU)
+        if self._numpy_head is None:
+            return None
+        return _LiveSC1D(self._numpy_head, self.state, self.model_config.n_fourier, n_t,
+                         (3, self.grid.nr, self.grid.nz))
+
     def predict_batch(self, idc1d: np.ndarray, *, idc1d_average: np.ndarray | None = None,
                       average_correction: np.ndarray | None = None, broadcast: bool = True) -> np.ndarray:
         """Batched :meth:`predict`: ``idc1d`` (B, n_t) -> (B, 3, nphi, nr, nz) cm (``broadcast=False``
@@ -766,7 +823,10 @@ class SC1DCorrector:
             raise ValueError(f"idc1d must be a finite (B, n_t) array, got shape {idc.shape}")
         feats = (idc_fluctuation_features(idc, idc1d_average, cfg.n_fourier) - s["idc_mean"]) / s["idc_std"]  # (B, 2k)
         extra = None
-        if cfg.use_average_correction:
+        # the live case (nominal average map, bilinear network): per-voxel factors fixed after the first call
+        nominal_bilinear = (average_correction is None and cfg.architecture == "bilinear"
+                            and not isinstance(self.model, SC1DTrees))
+        if cfg.use_average_correction and not (nominal_bilinear and self._local_terms is not None):
             avg = self.average_correction if average_correction is None else np.asarray(average_correction, np.float32)
             avg = np.broadcast_to(avg, (idc.shape[0], 3, *self.grid.shape))  # (B, 3, nphi, nr, nz)
             if not cfg.use_phi:
@@ -774,7 +834,7 @@ class SC1DCorrector:
             extra = avg.reshape(idc.shape[0], 3, -1).transpose(0, 2, 1) / s["extra_scale"]  # (B, P, 3)
         if isinstance(self.model, SC1DTrees):
             out = self.model.predict(feats, self._position.cpu().numpy(), extra)  # (B, P, 3)
-        elif average_correction is None and cfg.architecture == "bilinear":
+        elif nominal_bilinear:
             # the nominal average map: its per-voxel factors are computed once (the live case)
             if self._local_terms is None:
                 local = self._position
@@ -840,7 +900,8 @@ class SC3DCorrector:
 
     def predict_batch(self, density_average: np.ndarray, density_fluctuation: np.ndarray,
                       precorrection: np.ndarray | None = None) -> np.ndarray:
-        """(B, nphi, nr, nz) V/cm^2 twice [+ (B, 3, nphi, nr, nz) cm] -> (B, 3, nphi, nr, nz) cm."""
+        """(B, nphi, nr, nz) V/cm^2 twice [+ the 1D correction, cm: (B, 3, nphi, nr, nz), or (B, 3, nr, nz)
+        when it does not depend on phi (broadcast over phi)] -> (B, 3, nphi, nr, nz) cm."""
         s = self.state
         avg, fl = np.asarray(density_average, np.float32), np.asarray(density_fluctuation, np.float32)
         shape = (avg.shape[0], *self.grid.shape)
@@ -851,7 +912,14 @@ class SC3DCorrector:
         if self.model_config.residual:
             if precorrection is None:
                 raise ValueError("this residual 3D model needs the 1D correction (precorrection, (3, nphi, nr, nz) cm)")
-            pre = np.broadcast_to(np.asarray(precorrection, np.float32), (shape[0], 3, *self.grid.shape))
+            pre, g = np.asarray(precorrection, np.float32), self.grid
+            if pre.shape[-3:] == (3, g.nr, g.nz) and pre.shape[-4:] != (3, *g.shape):
+                pre = pre[..., None, :, :]  # phi-independent (B, 3, nr, nz): the same at every phi
+            try:
+                pre = np.broadcast_to(pre, (shape[0], 3, *g.shape))
+            except ValueError:
+                raise ValueError(f"precorrection must have shape {(shape[0], 3, *g.shape)} or, phi-independent, "
+                                 f"{(shape[0], 3, g.nr, g.nz)}, got {np.shape(precorrection)}") from None
             pre_t = torch.from_numpy(np.ascontiguousarray(pre / scale, dtype=np.float32)).to(self.device)
         fields = np.stack([avg / s["density_scale"], fl / s["fluctuation_scale"]], axis=1)  # (B, 2, nphi, nr, nz)
         x = torch.from_numpy(fields.astype(np.float32)).to(self.device)
@@ -864,7 +932,7 @@ class SC3DCorrector:
 
     def predict(self, density_average: np.ndarray, density_fluctuation: np.ndarray,
                 precorrection: np.ndarray | None = None) -> np.ndarray:
-        """(nphi, nr, nz) V/cm^2 twice [+ the 1D correction (3, nphi, nr, nz) cm] -> (3, nphi, nr, nz) cm."""
+        """(nphi, nr, nz) V/cm^2 twice [+ the 1D correction (3, nphi, nr, nz) or (3, nr, nz) cm] -> (3, nphi, nr, nz) cm."""
         pre = None if precorrection is None else np.asarray(precorrection)[None]
         return self.predict_batch(np.asarray(density_average)[None], np.asarray(density_fluctuation)[None], pre)[0]
 
