@@ -187,3 +187,28 @@ def test_interval_ring_matches_a_plain_list_of_the_window():
         np.testing.assert_array_equal(got, want)
         assert not got.flags.writeable and r.seen == len(window)
         assert r.missing == sum(not w[2] for w in window) == r.seen - r.present.sum()
+
+
+@pytest.mark.parametrize("method", ["linear", "model"])
+def test_prewarm_changes_nothing_but_the_timing(method):
+    """The discarded computation one interval before a frame's last leaves every frame as it was,
+    with gaps and late intervals too."""
+    from pathlib import Path
+
+    grid = GRID if method == "linear" else "90x17x17"
+    ckpt = str(Path(__file__).resolve().parents[2] / "models" / "weights" / "sc1d_90x17x17.pt")
+    nphi, nr = (int(d) for d in grid.split("x")[:2])
+    rng = np.random.default_rng(5)
+    items = [(pa.RecordBatch.from_arrays(
+        [pa.array([k], pa.int64()), pa.array([v], pa.float64()), tensor_column(np.full((1, nphi, nr), v, np.float32))],
+        schema=idc_schema(grid).schema), k * MS, (k + 1) * MS)
+        for k, v in ((k, float(1 + 0.05 * rng.normal())) for k in range(260)) if k not in (18, 57, 58, 119)]
+    items.insert(100, items[40])  # a late interval
+    runs = [run_stage("tpc_sc1d", {"grid": grid, "method": method, "checkpoint": ckpt, "prewarm": p}, {"idc": items})
+            for p in (True, False)]
+    (_, warm), (_, cold) = runs
+    assert len(warm["out"]) == len(cold["out"]) == 26
+    for (hw, bw), (hc, bc) in zip(warm["out"], cold["out"]):
+        assert (hw.t0_ns, hw.t1_ns, hw.extra["src"]) == (hc.t0_ns, hc.t1_ns, hc.extra["src"]) and bw.equals(bc)
+    assert runs[0][0].summary() | {"compute_p50_ms": 0, "compute_p99_ms": 0} == \
+        runs[1][0].summary() | {"compute_p50_ms": 0, "compute_p99_ms": 0}
