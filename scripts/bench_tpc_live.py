@@ -9,6 +9,7 @@ distortions + corrections on the same grid), the reason to use a learned correct
     python scripts/bench_tpc_live.py --json bench-tpc-live.json
     python scripts/bench_tpc_live.py --grids 90x17x17 --seconds 2 --method model --checkpoint ckpt.pt
     python scripts/bench_tpc_live.py --payload full     # the (3, nphi, nr, nz) map instead of (3, nr, nz)
+    python scripts/bench_tpc_live.py --status-intervals 0.1,1.0   # the driver's status requests, both rates
 
 Prints one JSON document; the target is p99 <= 2 ms for the 1D correction on CPU.
 """
@@ -38,7 +39,7 @@ def _free_port() -> int:
 
 
 def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, source: str, recording: str,
-           payload: str) -> str:
+           payload: str, status_interval: float) -> str:
     from streamcal.detectors.tpc.constants import parse_grid
 
     ckpt = f", checkpoint: {checkpoint}" if checkpoint else ""
@@ -59,6 +60,7 @@ def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, s
         outputs: {{out: idc}}"""
     return textwrap.dedent(f"""
     name: bench-tpc-{grid}
+    settings: {{status_interval_s: {status_interval}}}
     stages:{src}
       - name: sc1d
         kind: tpc_sc1d
@@ -177,7 +179,7 @@ def _ground_truth_ms(grid: str, repeat: int = 5) -> dict:
 
 
 def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, workdir: str,
-          payload: str = "compact") -> dict:
+          payload: str = "compact", status_interval: float = 1.0) -> dict:
     from streamcal.graph import parse_graph
     from streamcal.runtime import run_graph
 
@@ -192,8 +194,9 @@ def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, 
     recording = os.path.join(workdir, f"idc-{grid}.arrow")
     if source == "replay" and not os.path.exists(recording):
         _record(grid, intervals, recording)
-    res = run_graph(parse_graph(_graph(grid, intervals, port, method, checkpoint, source, recording, payload)),
-                    print_summary=False, progress=False)
+    load = os.getloadavg()[0]
+    res = run_graph(parse_graph(_graph(grid, intervals, port, method, checkpoint, source, recording, payload,
+                                       status_interval)), print_summary=False, progress=False)
     time.sleep(0.3)
     stop.set()
     got = results.get(timeout=30)
@@ -209,6 +212,8 @@ def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, 
         "source": source,
         "payload": payload,
         "payload_bytes": got["payload_bytes"],
+        "status_interval_s": status_interval,
+        "load_1min_before": round(load, 2),
         "status": res.status,
         "idc_intervals": intervals,
         "frames_published": rows["sc1d"]["out_msgs"],
@@ -235,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--payload", choices=("compact", "full"), default="compact",
                    help="the correction as published: compact (3, nr, nz), the same at every phi, or the full "
                         "(3, nphi, nr, nz) map")
+    p.add_argument("--status-intervals", default="1.0",
+                   help="settings.status_interval_s of the graph, one run per value (the shipped TPC graphs: 1.0; "
+                        "the framework's default: 0.1)")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -244,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-tpc-") as workdir:
-            runs = [bench(g, args.seconds, args.method, args.checkpoint, src, workdir, args.payload)
-                    for g, src in tqdm([(g, s) for g in args.grids.split(",") for s in args.sources.split(",")],
-                                       desc="runs", file=sys.stderr)]
+            cases = [(g, s, float(i)) for g in args.grids.split(",") for s in args.sources.split(",")
+                     for i in args.status_intervals.split(",")]
+            runs = [bench(g, args.seconds, args.method, args.checkpoint, src, workdir, args.payload, interval)
+                    for g, src, interval in tqdm(cases, desc="runs", file=sys.stderr)]
     finally:
         ray.shutdown()
     out = {"benchmark": "tpc_live_1d", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

@@ -118,6 +118,9 @@ class Settings:
     seed: int = 0
     shared_memory: bool = True  # same-node links carry large payloads in /dev/shm segments
     shared_memory_mb: int = 1024  # per output stream of each replica
+    # how often the driver asks every replica for its status (progress, end, stalls, queue depths);
+    # each request runs in the stage's process, so a latency-critical graph asks less often
+    status_interval_s: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ class GraphSpec:
 # ---------------------------------------------------------------------------------- parsing
 _STAGE_KEYS = {"name", "kind", "config", "inputs", "outputs", "replicas", "resources", "restarts"}
 _STREAM_KEYS = {"queue", "latest_only", "publish"}
-_SETTINGS_KEYS = {"interface", "stall_timeout_s", "max_message_bytes", "seed", "shared_memory", "shared_memory_mb"}
+_SETTINGS_KEYS = {"interface", "stall_timeout_s", "max_message_bytes", "seed", "shared_memory", "shared_memory_mb",
+                  "status_interval_s"}
 
 
 def load_graph(path: str | os.PathLike) -> GraphSpec:
@@ -199,11 +203,18 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
                 seed=int(sraw.get("seed", 0)),
                 shared_memory=sraw.get("shared_memory", True),
                 shared_memory_mb=int(sraw.get("shared_memory_mb", 1024)),
+                status_interval_s=float(sraw.get("status_interval_s", 0.1)),
             )
             if not isinstance(settings.shared_memory, bool):
                 problems.append(f"settings: field 'shared_memory': must be true or false, got {settings.shared_memory!r}")
             if settings.shared_memory_mb < 1:
                 problems.append(f"settings: field 'shared_memory_mb': must be >= 1, got {settings.shared_memory_mb}")
+            if not 0.01 <= settings.status_interval_s <= 10.0:
+                problems.append("settings: field 'status_interval_s': must be between 0.01 and 10 seconds, "
+                                f"got {settings.status_interval_s}")
+            elif settings.status_interval_s >= settings.stall_timeout_s:
+                problems.append(f"settings: field 'status_interval_s' ({settings.status_interval_s} s) must be shorter "
+                                f"than 'stall_timeout_s' ({settings.stall_timeout_s} s)")
         except (TypeError, ValueError) as exc:
             problems.append(f"settings: {exc}")
         if settings.interface != "node":

@@ -131,8 +131,10 @@ class _ActorImpl:
         self.state = "created"
         self.error: str | None = None
         prev = ray.get(self.coord.get_endpoints.remote(self.key)) if self.incarnation else {}
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.status_requests = 0
         # same Ray node = same /dev/shm: the node id is the token that offers shared memory
-        self.shm_token = ray.get_runtime_context().get_node_id() if spec.settings.shared_memory else None
+        self.shm_token = self.node_id if spec.settings.shared_memory else None
         self.outputs: dict[str, OutputEdge] = {}
         for port, stream in st.outputs.items():
             sspec = spec.streams.get(stream, StreamSpec(stream))
@@ -199,6 +201,7 @@ class _ActorImpl:
         self._stop = True
 
     def status(self) -> dict[str, Any]:
+        self.status_requests += 1
         m = self.stage.metrics
         waiting = {}
         if not self.stage.done:
@@ -216,7 +219,7 @@ class _ActorImpl:
             "work": self.stage.work,
             "waiting": waiting,
             "error": self.error,
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": self.node_id,
             "rss_mb": _rss_mb(),
             "stalled_s": round(sum(c.stalled_s for c in m.outputs.values()), 3),
             # for queue depths: data messages sent per output stream, received per input port
@@ -228,7 +231,8 @@ class _ActorImpl:
         rep = self.stage.report()
         rep["restarts"] = self.incarnation
         rep["replica"] = self.key
-        rep["node_id"] = ray.get_runtime_context().get_node_id()
+        rep["node_id"] = self.node_id
+        rep["status_requests"] = self.status_requests  # the driver's, in this incarnation (settings.status_interval_s)
         rep["endpoints"] = self.endpoints()
         rep["niceness"] = os.nice(0)
         rep["peak_rss_mb"] = _peak_rss_mb()
@@ -638,7 +642,7 @@ def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool,
                     for a in actors.values():
                         a.abort.remote()
                     return "stuck", problems
-                time.sleep(0.1)
+                time.sleep(spec.settings.status_interval_s)
             except KeyboardInterrupt:
                 interrupted += 1
                 if interrupted == 1:

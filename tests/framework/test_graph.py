@@ -173,3 +173,12 @@ def test_interface_must_be_an_address_or_node():
     assert "settings: field 'interface': 'eth0' is not an IP address" in msg
     validate_graph(parse_graph(GOOD + "settings: {interface: node}\n"), CPU_ONLY)
     validate_graph(parse_graph(GOOD + "settings: {interface: '::1'}\n"), CPU_ONLY)
+
+
+def test_status_interval_must_be_sensible():
+    assert "settings: field 'status_interval_s': must be between 0.01 and 10 seconds, got 0.0" in problems(
+        GOOD + "settings: {status_interval_s: 0}\n")
+    assert "'status_interval_s' (5.0 s) must be shorter than 'stall_timeout_s' (2.0 s)" in problems(
+        GOOD + "settings: {status_interval_s: 5, stall_timeout_s: 2}\n")
+    assert parse_graph(GOOD + "settings: {status_interval_s: 1.0}\n").settings.status_interval_s == 1.0
+    assert parse_graph(GOOD).settings.status_interval_s == 0.1

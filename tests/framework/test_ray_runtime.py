@@ -208,3 +208,30 @@ def test_stage_niceness_is_applied_to_its_process(ray_session):
     assert res.status == "completed", res.problems
     nice = {r["metrics"]["stage"]: r["niceness"] for r in res.reports}
     assert nice == {"source": 0, "sink": 7}
+
+
+def test_status_interval_sets_how_often_the_driver_asks_the_stages(ray_session):
+    """``settings.status_interval_s``: each status request runs in the stage's process (a cost on a
+    latency path), so a graph can ask less often than the default 0.1 s."""
+    def requests(interval: float) -> tuple[float, int]:
+        graph = textwrap.dedent(f"""
+        settings: {{status_interval_s: {interval}}}
+        stages:
+          - name: source
+            kind: synthetic
+            config: {{messages: 15, rows: 2, seed: 1}}
+            outputs: {{out: samples}}
+          - name: sink
+            kind: collect
+            config: {{delay_ms: 100}}
+            inputs: {{in: samples}}
+        """)
+        t = time.monotonic()
+        res = run_graph(parse_graph(graph), print_summary=False, progress=False)
+        assert res.status == "completed", res.problems
+        return time.monotonic() - t, next(r["status_requests"] for r in res.reports if r["metrics"]["stage"] == "sink")
+
+    wall_slow, slow = requests(0.5)
+    wall_fast, fast = requests(0.1)
+    assert 1 <= slow <= wall_slow / 0.5 + 2, (wall_slow, slow)
+    assert fast >= 1.5 / 0.1 * 0.5 and fast > 2 * slow, (wall_fast, fast, slow)
