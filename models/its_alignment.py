@@ -124,6 +124,7 @@ __all__ = [
     "theta_to_phi",
     "phi_to_theta",
     "phi_theta_jacobian",
+    "phi_theta_vjp",
     "highland_theta0",
 ]
 
@@ -446,6 +447,31 @@ def phi_theta_jacobian(theta: Tensor, rot_geom: Tensor, trans_geom: Tensor, half
     jac[:, 6:, :3] = db.permute(2, 1, 0)
     jac[:, 6:, 3:] = rot_geom.transpose(1, 2)
     return jac
+
+
+def phi_theta_vjp(theta: Tensor, grad_phi: Tensor, rot_geom: Tensor, trans_geom: Tensor, half: Tensor) -> Tensor:
+    """``(dPhi/dTheta)^T g`` per sensor: a gradient ``g = dC/dPhi`` (N, 9) mapped to ``dC/dTheta``
+    (N, 6) without forming the (N, 9, 6) Jacobian. With the notation of
+    :func:`phi_theta_jacobian` and ``(u x v) . g = u . (v x g)``: ``dC/dangle_a = u_a . (sum_j h_j
+    B[:, j] x dC/dW[:, j] + c x dC/db)`` (``c = R_G^T a_R T_G``) and ``dC/dtau = R_G dC/db``.
+    Equal to ``einsum("npk,np->nk", phi_theta_jacobian(...), g)`` to rounding."""
+    _check_params("phi_theta_vjp", "theta", theta, 6, rot_geom, trans_geom, half)
+    if tuple(grad_phi.shape) != (theta.shape[0], 9) or not grad_phi.dtype.is_floating_point:
+        raise ValueError(f"phi_theta_vjp: grad_phi must be a floating-point ({theta.shape[0]}, 9) tensor, got "
+                         f"{grad_phi.dtype} {tuple(grad_phi.shape)}")
+    a_r1, rot_t, q2, c = _local_frame(theta, rot_geom, trans_geom)
+    alpha = theta.t()[0]
+    a_z = a_r1[:, 2] + torch.tensor([0.0, 0.0, 1.0], dtype=theta.dtype, device=theta.device)[:, None]  # a_R e_z
+    u = torch.stack([rot_t[:, 0], rot_t[:, 1] * alpha.cos() + rot_t[:, 2] * alpha.sin(), _cm_mv(rot_t, a_z)])
+    b2 = q2 + torch.eye(3, 2, dtype=theta.dtype, device=theta.device)[..., None]  # (R_G^T a_R R_G)[:, :2]
+    g = grad_phi.to(theta.dtype).t()
+    gw = g[:6].reshape(3, 2, -1)  # (3 outputs, 2 inputs, N): dC/dW
+    gb = g[6:]  # (3, N): dC/db
+    v = _cm_cross(b2[:, 0], gw[:, 0]) * half[0]
+    v = v + _cm_cross(b2[:, 1], gw[:, 1]) * half[1]
+    v = v + _cm_cross(c + _cm_mv(rot_t, trans_geom.t()), gb)
+    angles = (u * v[None]).sum(1)  # (3 angles, N)
+    return torch.cat([angles, _cm_mv(rot_t.transpose(0, 1), gb)]).t().contiguous()
 
 
 def highland_theta0(p: Tensor, x_x0: Tensor, mass: float = PION_MASS) -> Tensor:
@@ -783,11 +809,17 @@ class ITSAlignmentModel(nn.Module):
         return int(self.phi.shape[0])
 
     # --- Phi <-> Theta --------------------------------------------------------------------------
+    def _theta_key(self) -> tuple[tuple[tuple[int, int], ...], tuple[Tensor, ...]]:
+        """Identity and in-place version of Phi and the geometry buffers (and the tensors
+        themselves, so their ids are not reused while a cached Theta lives)."""
+        inputs = (self.phi, self.rot_geom, self.trans_geom, self.half_size)
+        return tuple((id(t), t._version) for t in inputs), inputs
+
     def theta(self) -> Tensor:
         """Current Theta (N, 6) from Phi (a new tensor; computed once while Phi and the geometry
-        are unchanged, tracked by their version counters)."""
-        inputs = (self.phi, self.rot_geom, self.trans_geom, self.half_size)
-        key = tuple((id(t), t._version) for t in inputs)
+        are unchanged, tracked by their version counters; after :meth:`set_theta` the Theta it
+        was given)."""
+        key, inputs = self._theta_key()
         cached = self.__dict__.get("_theta_cache")
         if cached is None or cached[0] != key:
             cached = (key, phi_to_theta(self.phi.detach(), self.rot_geom, self.trans_geom, self.half_size), inputs)
@@ -801,14 +833,40 @@ class ITSAlignmentModel(nn.Module):
 
     @torch.no_grad()
     def set_theta(self, theta: Tensor) -> None:
-        """Set Phi from Theta (N, 6)."""
+        """Set Phi from Theta (N, 6). Inside the Euler angles' principal range (here |alpha|,
+        |gamma| < 3 and |beta| < 1.5 rad), where :func:`phi_to_theta` of the new Phi gives this
+        Theta back to rounding, :meth:`theta` then returns it without mapping Phi back."""
         theta = torch.as_tensor(theta, dtype=self.phi.dtype)
         self.phi.copy_(theta_to_phi(theta, self.rot_geom, self.trans_geom, self.half_size))
+        ang = theta[:, :3].abs().amax(0).tolist() if theta.shape[0] else [0.0, 0.0, 0.0]
+        if ang[0] < 3.0 and ang[1] < 1.5 and ang[2] < 3.0:
+            key, inputs = self._theta_key()
+            self.__dict__["_theta_cache"] = (key, theta.clone(), inputs)
 
     def jacobian(self, theta: Tensor | None = None) -> Tensor:
         """dPhi/dTheta (N, 9, 6) at ``theta`` (default: current)."""
         theta = self.theta() if theta is None else theta
         return phi_theta_jacobian(theta, self.rot_geom, self.trans_geom, self.half_size)
+
+    def theta_grad(self, grad_phi: Tensor, sensors: Tensor | None = None) -> Tensor:
+        """``dC/dTheta`` (N, 6) from ``dC/dPhi`` (N, 9) at the current Theta (:func:`phi_theta_vjp`,
+        equal to ``jacobian()`` applied to it, to rounding). ``sensors`` (int64 ids): map only
+        those rows; the others are set to zero, which is exact for sensors whose ``dC/dPhi`` is
+        zero (those without hits in the batch)."""
+        n = self.n_sensors
+        if tuple(grad_phi.shape) != (n, 9):
+            raise ValueError(f"ITSAlignmentModel.theta_grad: grad_phi must have shape ({n}, 9), "
+                             f"got {tuple(grad_phi.shape)}")
+        theta = self.theta()
+        if sensors is None:
+            return phi_theta_vjp(theta, grad_phi, self.rot_geom, self.trans_geom, self.half_size)
+        if sensors.ndim != 1 or sensors.dtype != torch.int64:
+            raise ValueError(f"ITSAlignmentModel.theta_grad: sensors must be a 1-d int64 tensor of ids, got "
+                             f"{sensors.dtype} {tuple(sensors.shape)}")
+        out = theta.new_zeros(n, 6)
+        out[sensors] = phi_theta_vjp(theta[sensors], grad_phi[sensors], self.rot_geom[sensors],
+                                     self.trans_geom[sensors], self.half_size)
+        return out
 
     # --- geometry ---------------------------------------------------------------------------------
     def placement_table(self, phi: Tensor) -> Tensor:

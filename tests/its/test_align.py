@@ -468,6 +468,27 @@ def test_sgd_rates_are_the_stability_limit(blocks):
         sgd_rates(blocks[:, :3])
 
 
+def test_theta_gradient_maps_only_the_touched_sensors(geom, sample):
+    """``theta_gradient`` maps dC/dPhi to Theta on the sensors with hits only: equal, to rounding,
+    to the full Jacobian product over all sensors, and zero elsewhere."""
+    model = ITSAlignmentModel.from_geometry(geom, COST)
+    model.set_theta(torch.from_numpy(np.random.default_rng(3).standard_normal((geom.n_sensors, 6)) * 1e-4))
+    full_batch = sample[1]
+    sel = full_batch.event < 4  # a few events: most sensors without hits
+    batch = TrackBatch(full_batch.sensor[sel], full_batch.local[sel], full_batch.mask[sel], full_batch.event[sel], 4,
+                       full_batch.vertex[:4] if full_batch.vertex is not None else None)
+    cost, grad = theta_gradient(model, batch)
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    out.cost.backward()
+    full = torch.einsum("npk,np->nk", model.jacobian(), model.phi.grad)
+    assert cost == float(out.cost.detach())
+    torch.testing.assert_close(grad, full, rtol=1e-12, atol=1e-12 * float(full.abs().max()))
+    hit = torch.zeros(geom.n_sensors, dtype=torch.bool)
+    hit[batch.sensor[batch.mask]] = True
+    assert not bool(hit.all()) and float(grad[~hit].abs().max()) == 0.0
+
+
 def test_constraint_projection_is_the_constrained_minimiser(geom):
     """For a step -M^-1 g, ``project`` returns argmin g.d + d^T M d / 2 subject to the
     constraints (checked against a dense KKT solve), for a block metric and a diagonal one."""
@@ -487,6 +508,24 @@ def test_constraint_projection_is_the_constrained_minimiser(geom):
         sol = np.linalg.solve(kkt, np.r_[-g.reshape(-1).numpy(), np.zeros(c.shape[1])])[: 6 * n]
         np.testing.assert_allclose(d.reshape(-1).numpy(), sol, atol=1e-10 * np.abs(sol).max())
         assert np.abs(c.T @ d.reshape(-1).numpy()).max() < 1e-10
+    # the projection built once per metric is what project computes, and what the optimisers apply
+    for minv in (torch.linalg.inv(metric), torch.tensor([2.0] * 3 + [0.5] * 3, dtype=torch.float64), None):
+        proj = cons.projection(minv)
+        for seed in (1, 2):
+            d = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 6)))
+            torch.testing.assert_close(proj(d), cons.project(d, minv), rtol=0, atol=0)
+    opt = ThetaOptimizer(OptimizerConfig("gn", lr=0.7), cons, blocks=metric)
+    theta = torch.from_numpy(rng.standard_normal((n, 6))) * 1e-3
+    for _ in range(2):  # the cached projection, step after step
+        expected = theta + cons.project(-0.7 * (opt._inv @ g[..., None])[..., 0], opt._inv)
+        torch.testing.assert_close(opt.step(theta, g), expected, rtol=0, atol=0)
+    sgd = ThetaOptimizer(OptimizerConfig("sgd", lr_rot=2.0, lr_trans=0.5), cons)
+    rates = torch.tensor([2.0] * 3 + [0.5] * 3, dtype=torch.float64)
+    torch.testing.assert_close(sgd.step(theta, g), theta + cons.project(-rates * g, rates), rtol=0, atol=0)
+    sgd.config = OptimizerConfig("sgd", lr_rot=1.0, lr_trans=0.25)  # new rates: a new projection
+    torch.testing.assert_close(sgd.step(theta, g), theta + cons.project(-0.5 * rates * g, 0.5 * rates), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="metric_inv"):
+        cons.projection(torch.ones(n, 3))
     with pytest.raises(ValueError, match="unknown mode"):
         Constraints.build(geom, ("wobble",))
     with pytest.raises(ValueError, match="fixed"):

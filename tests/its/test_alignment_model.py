@@ -26,6 +26,7 @@ from streamcal.models.its_alignment import (
     ITSAlignmentModel,
     TrackBatch,
     phi_theta_jacobian,
+    phi_theta_vjp,
     phi_to_theta,
     theta_to_phi,
 )
@@ -112,8 +113,9 @@ def test_round_trip_theta_phi_theta(geom):
 
 
 def test_theta_is_recomputed_when_phi_changes(geom):
-    """``model.theta()`` is computed once per Phi: a fresh tensor every call, recomputed after
-    ``set_theta`` or any in-place change of Phi; pickling drops the cached values."""
+    """``model.theta()`` is computed once per Phi: a fresh tensor every call, the Theta given to
+    ``set_theta`` after it, recomputed after any in-place change of Phi; pickling drops the cached
+    values (the copy maps its Phi back, equal to rounding)."""
     model = ITSAlignmentModel.from_geometry(geom)
     theta = torch.from_numpy(_random_theta(geom.n_sensors, 2))
     model.set_theta(theta)
@@ -125,10 +127,15 @@ def test_theta_is_recomputed_when_phi_changes(geom):
     expected = phi_to_theta(model.phi.detach(), model.rot_geom, model.trans_geom, model.half_size)
     torch.testing.assert_close(model.theta(), expected, rtol=0, atol=0)
     model.set_theta(2 * theta)
-    assert float((model.theta() - 2 * theta).abs().max()) < 1e-12
+    torch.testing.assert_close(model.theta(), 2 * theta, rtol=0, atol=0)
     back = pickle.loads(pickle.dumps(model))
     assert "_theta_cache" not in back.__dict__
-    torch.testing.assert_close(back.theta(), model.theta(), rtol=0, atol=0)
+    assert float((back.theta() - model.theta()).abs().max()) < 1e-12
+    # outside the principal range of the Euler angles set_theta's Theta is not kept
+    wrapped = theta.clone()
+    wrapped[:, 0] += 2 * math.pi
+    model.set_theta(wrapped)
+    assert float((model.theta() - theta).abs().max()) < 1e-9
 
 
 @pytest.mark.parametrize("frame", ["local", "global"])
@@ -180,6 +187,30 @@ def test_jacobian_against_finite_differences_and_autograd(geom):
     off = auto.clone()
     off[idx, :, idx, :] = 0.0
     assert float(off.abs().max()) == 0.0
+
+
+def test_vjp_is_the_jacobian_product(geom):
+    """``phi_theta_vjp`` (and ``model.theta_grad``, on all sensors or a subset) equals the
+    (N, 9, 6) Jacobian applied to a Phi gradient, to rounding."""
+    rot, trans, half = _params(geom)
+    theta = torch.from_numpy(_random_theta(geom.n_sensors, 5))
+    grad = torch.from_numpy(np.random.default_rng(6).standard_normal((geom.n_sensors, 9)))
+    ref = torch.einsum("npk,np->nk", phi_theta_jacobian(theta, rot, trans, half), grad)
+    scale = ref.abs().amax(1, keepdim=True)
+    assert float(((phi_theta_vjp(theta, grad, rot, trans, half) - ref).abs() / scale).max()) < 1e-13
+    model = ITSAlignmentModel.from_geometry(geom)
+    model.set_theta(theta)
+    assert float(((model.theta_grad(grad) - ref).abs() / scale).max()) < 1e-13
+    rows = torch.tensor([3, 40, geom.n_sensors - 1])
+    part = model.theta_grad(grad, rows)
+    assert float(((part[rows] - ref[rows]).abs() / scale[rows]).max()) < 1e-13
+    rest = torch.ones(geom.n_sensors, dtype=torch.bool)
+    rest[rows] = False
+    assert float(part[rest].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="grad_phi"):
+        phi_theta_vjp(theta, grad[:, :6], rot, trans, half)
+    with pytest.raises(ValueError, match="sensors"):
+        model.theta_grad(grad, rows.to(torch.int32))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ __all__ = [
     "RejectCounts",
     "pack_tracks",
     "Constraints",
+    "Projection",
     "batch_weights",
     "total_cost",
     "theta_gradient",
@@ -397,28 +398,32 @@ class Constraints:
         """Projection of an update (N, 6) onto ``{Q^T d = 0, d_fixed = 0}``, orthogonal in the
         metric ``M`` given by its inverse blocks ``metric_inv`` (N, 6, 6) (or a diagonal (6,) or
         (N, 6)); Euclidean if None: ``d - M^-1 Q (Q^T M^-1 Q)^-1 Q^T d``. For a step
-        ``-M^-1 g`` this is the constrained minimiser of ``g^T d + d^T M d / 2``."""
+        ``-M^-1 g`` this is the constrained minimiser of ``g^T d + d^T M d / 2``. To project
+        many updates in one metric, build the :meth:`projection` once."""
+        return self.projection(metric_inv, delta.dtype)(delta)
+
+    def projection(self, metric_inv: Tensor | None = None, dtype: torch.dtype = torch.float64) -> Projection:
+        """:meth:`project` in the metric given by ``metric_inv`` as a callable, its metric-dependent
+        part (``M^-1 Q`` and ``Q^T M^-1 Q``) computed here, once, in ``dtype``."""
         n = self.n_sensors
-        if tuple(delta.shape) != (n, 6):
-            raise ValueError(f"Constraints.project: delta must have shape ({n}, 6), got {tuple(delta.shape)}")
-        free = self.free.to(delta.dtype)
-        d = delta * free
+        free = self.free.to(dtype)
         if not self.q.shape[1]:
-            return d
-        q = self.q.to(delta.dtype)
+            return Projection(self, free, None, None, None)
+        q = self.q.to(dtype)
         if metric_inv is None:
             mq = q
         else:
+            shapes = ((n, 6, 6), (n, 6), (6,))
+            if tuple(metric_inv.shape) not in shapes:
+                raise ValueError(f"Constraints.projection: metric_inv must have shape {shapes[0]}, {shapes[1]} or "
+                                 f"{shapes[2]}, got {tuple(metric_inv.shape)}")
             qb = q.reshape(n, 6, -1)
             if metric_inv.ndim == 3:
-                mq = torch.einsum("nij,njm->nim", metric_inv.to(delta.dtype), qb)
+                mq = torch.einsum("nij,njm->nim", metric_inv.to(dtype), qb)
             else:
-                mq = metric_inv.to(delta.dtype).expand(n, 6)[..., None] * qb
+                mq = metric_inv.to(dtype).expand(n, 6)[..., None] * qb
             mq = (mq * free[:, :, None]).reshape(6 * n, -1)
-        small = q.T @ mq
-        flat = d.reshape(-1)
-        flat = flat - mq @ torch.linalg.solve(small, q.T @ flat)
-        return flat.reshape(n, 6) * free
+        return Projection(self, free, q, mq, q.T @ mq)
 
     def matrix(self) -> np.ndarray:
         """All constraint directions as columns (6N, n_constraints): ``Q`` and the unit vectors of
@@ -428,6 +433,31 @@ class Constraints:
         e = np.zeros((6 * n, fixed_rows.size))
         e[fixed_rows, np.arange(fixed_rows.size)] = 1.0
         return np.concatenate([self.q.numpy(), e], 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """:meth:`Constraints.project` in one metric (built by :meth:`Constraints.projection`): call
+    it on updates (N, 6)."""
+
+    constraints: Constraints
+    free: Tensor  # (N, 1)
+    q: Tensor | None  # (6N, m); None without mode constraints
+    mq: Tensor | None  # (6N, m): M^-1 Q, zero on the fixed sensors
+    small: Tensor | None  # (m, m): Q^T M^-1 Q
+
+    def __call__(self, delta: Tensor) -> Tensor:
+        n = self.constraints.n_sensors
+        if tuple(delta.shape) != (n, 6):
+            raise ValueError(f"Constraints.project: delta must have shape ({n}, 6), got {tuple(delta.shape)}")
+        free = self.free.to(delta.dtype)
+        d = delta * free
+        if self.q is None or self.mq is None or self.small is None:
+            return d
+        q, mq, small = (t.to(delta.dtype) for t in (self.q, self.mq, self.small))
+        flat = d.reshape(-1)
+        flat = flat - mq @ torch.linalg.solve(small, q.T @ flat)
+        return flat.reshape(n, 6) * free
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,14 +501,17 @@ def total_cost(model: ITSAlignmentModel, batches: Sequence[TrackBatch]) -> float
 
 
 def theta_gradient(model: ITSAlignmentModel, batch: TrackBatch) -> tuple[float, Tensor]:
-    """Cost and ``dC/dTheta = grad_Phi C . dPhi/dTheta`` (N, 6) at the model's current Theta."""
+    """Cost and ``dC/dTheta = grad_Phi C . dPhi/dTheta`` (N, 6) at the model's current Theta.
+    Only the sensors with a non-zero ``grad_Phi C`` (those with hits in ``batch``) are mapped
+    (``model.theta_grad``, no Jacobian is formed); the other rows are zero."""
     model.zero_grad(set_to_none=True)
     out = model(batch)
     out.cost.backward()
-    if model.phi.grad is None:
+    grad = model.phi.grad
+    if grad is None:
         raise RuntimeError("theta_gradient: the model's phi received no gradient (is phi.requires_grad off?)")
-    jac = model.jacobian()  # (N, 9, 6)
-    g = torch.einsum("npk,np->nk", jac, model.phi.grad)
+    touched = torch.nonzero(grad.ne(0).any(1))[:, 0]
+    g = model.theta_grad(grad, touched)
     model.zero_grad(set_to_none=True)
     return float(out.cost.detach()), g
 
@@ -630,6 +663,9 @@ class ThetaOptimizer:
     _m: Tensor | None = field(default=None, repr=False)
     _v: Tensor | None = field(default=None, repr=False)
     _inv: Tensor | None = field(default=None, repr=False)
+    # the constraint projection in the current metric ("gn": the blocks; "sgd": the rates)
+    _proj: Projection | None = field(default=None, repr=False)
+    _proj_rates: tuple[float, float, torch.dtype] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, OptimizerConfig):
@@ -656,6 +692,8 @@ class ThetaOptimizer:
         else:
             reg = torch.diag_embed((self.config.damping * scale + 1e-30 * scale.max()).expand(n, 6))
         self._inv = torch.linalg.inv(blocks + reg)  # (N, 6, 6)
+        self._proj = self.constraints.projection(self._inv)
+        self._proj_rates = None
         self.blocks = blocks
 
     def _lr(self, dtype: torch.dtype) -> Tensor:
@@ -683,13 +721,15 @@ class ThetaOptimizer:
             return theta + self.constraints.project(-metric_inv * mh, metric_inv)
         if cfg.method == "sgd":
             metric_inv = self._lr(theta.dtype)  # (6,)
+            rates = (cfg.lr_rot, cfg.lr_trans, theta.dtype)
+            if self._proj is None or self._proj_rates != rates:
+                self._proj, self._proj_rates = self.constraints.projection(metric_inv, theta.dtype), rates
             delta = -metric_inv * grad
         else:
-            if self._inv is None:
+            if self._inv is None or self._proj is None:
                 raise RuntimeError("ThetaOptimizer(method='gn') needs set_blocks(hessian_blocks(...)) first")
-            metric_inv = self._inv
             delta = -cfg.lr * torch.einsum("nij,nj->ni", self._inv, grad)
-        return theta + self.constraints.project(delta, metric_inv)
+        return theta + self._proj(delta)
 
 
 def run_epoch(
