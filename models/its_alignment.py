@@ -393,13 +393,44 @@ def _local_frame(theta: Tensor, rot_geom: Tensor, trans_geom: Tensor) -> tuple[T
     return a_r, rot_t, q2, c
 
 
+def _rows_mv(m: list[list[Tensor]], v: list[Tensor]) -> list[Tensor]:
+    """Matrix (3 x 3 rows of (N,)) times vector (3 rows of (N,)): 3 rows (N,). Row-wise, each
+    temporary a single (N,) row (cache-resident where the (3, 3, N) stacks are not)."""
+    return [torch.mul(m[i][0], v[0]).addcmul_(m[i][1], v[1]).addcmul_(m[i][2], v[2]) for i in range(3)]
+
+
+def _rows_cross(u: list[Tensor], v: list[Tensor]) -> list[Tensor]:
+    """Cross product of two vectors given as 3 rows (N,)."""
+    return [torch.mul(u[1], v[2]).addcmul_(u[2], v[1], value=-1.0),
+            torch.mul(u[2], v[0]).addcmul_(u[0], v[2], value=-1.0),
+            torch.mul(u[0], v[1]).addcmul_(u[1], v[0], value=-1.0)]
+
+
+def _rows_frame(t: Tensor, rot: Tensor) -> tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]]]:
+    """Row-wise pieces of the Theta -> Phi map for Theta rows ``t`` (6, N) and the component-major
+    R_G ``rot`` (3, 3, N): the sines and cosines (sa, ca, sb, cb, sg, cg), ``a_R - 1`` and
+    ``R_G^T`` as 3 x 3 rows."""
+    sa, ca, sb, cb, sg, cg = t[0].sin(), t[0].cos(), t[1].sin(), t[1].cos(), t[2].sin(), t[2].cos()
+    sasb, casb = sa * sb, ca * sb
+    a_r1 = [[(cb * cg).sub_(1.0), -cb * sg, sb],
+            [torch.addcmul(ca * sg, sasb, cg), torch.addcmul(ca * cg, sasb, sg, value=-1.0).sub_(1.0), -cb * sa],
+            [torch.addcmul(sa * sg, casb, cg, value=-1.0), torch.addcmul(sa * cg, casb, sg), (cb * ca).sub_(1.0)]]
+    rot_t = [[rot[j, i] for j in range(3)] for i in range(3)]
+    return [sa, ca, sb, cb, sg, cg], a_r1, rot_t
+
+
 def theta_to_phi(theta: Tensor, rot_geom: Tensor, trans_geom: Tensor, half: Tensor) -> Tensor:
     """Theta (N, 6) -> Phi (N, 9) (see module docstring); ``half = (h_u, h_v)``."""
     _check_params("theta_to_phi", "theta", theta, 6, rot_geom, trans_geom, half)
-    _, rot_t, q2, c = _local_frame(theta, rot_geom, trans_geom)
-    w = q2 * half[:, None]  # (3, 2, N): (R_G^T (a_R - 1) R_G)[:, :2] W0
-    b = _cm_mv(rot_t, theta.t()[3:]) + c  # R_G^T (a_T + (a_R - 1) T_G)
-    return torch.cat([w.reshape(6, -1), b]).t().contiguous()  # (N, 9)
+    t = theta.t().contiguous()
+    rot = _cm(rot_geom)
+    _, a_r1, rot_t = _rows_frame(t, rot)
+    # W[:, j] = R_G^T (a_R - 1) R_G[:, j] h_j, b = R_G^T (a_T + (a_R - 1) T_G)
+    w = [[x.mul_(half[j]) for x in _rows_mv(rot_t, _rows_mv(a_r1, [rot[0, j], rot[1, j], rot[2, j]]))]
+         for j in range(2)]
+    tg = trans_geom.t()
+    b = _rows_mv(rot_t, [x.add_(t[3 + i]) for i, x in enumerate(_rows_mv(a_r1, [tg[0], tg[1], tg[2]]))])
+    return torch.stack([w[0][0], w[1][0], w[0][1], w[1][1], w[0][2], w[1][2], *b], 1)
 
 
 def phi_to_theta(phi: Tensor, rot_geom: Tensor, trans_geom: Tensor, half: Tensor) -> Tensor:
@@ -452,26 +483,33 @@ def phi_theta_jacobian(theta: Tensor, rot_geom: Tensor, trans_geom: Tensor, half
 def phi_theta_vjp(theta: Tensor, grad_phi: Tensor, rot_geom: Tensor, trans_geom: Tensor, half: Tensor) -> Tensor:
     """``(dPhi/dTheta)^T g`` per sensor: a gradient ``g = dC/dPhi`` (N, 9) mapped to ``dC/dTheta``
     (N, 6) without forming the (N, 9, 6) Jacobian. With the notation of
-    :func:`phi_theta_jacobian` and ``(u x v) . g = u . (v x g)``: ``dC/dangle_a = u_a . (sum_j h_j
-    B[:, j] x dC/dW[:, j] + c x dC/db)`` (``c = R_G^T a_R T_G``) and ``dC/dtau = R_G dC/db``.
-    Equal to ``einsum("npk,np->nk", phi_theta_jacobian(...), g)`` to rounding."""
+    :func:`phi_theta_jacobian` and ``(u x v) . g = u . (v x g)``: ``dC/dangle_a = u_a . v``,
+    ``v = sum_j h_j B[:, j] x dC/dW[:, j] + c x dC/db`` (``c = R_G^T a_R T_G``), and ``dC/dtau =
+    R_G dC/db``. Equal to ``einsum("npk,np->nk", phi_theta_jacobian(...), g)`` to rounding."""
     _check_params("phi_theta_vjp", "theta", theta, 6, rot_geom, trans_geom, half)
     if tuple(grad_phi.shape) != (theta.shape[0], 9) or not grad_phi.dtype.is_floating_point:
         raise ValueError(f"phi_theta_vjp: grad_phi must be a floating-point ({theta.shape[0]}, 9) tensor, got "
                          f"{grad_phi.dtype} {tuple(grad_phi.shape)}")
-    a_r1, rot_t, q2, c = _local_frame(theta, rot_geom, trans_geom)
-    alpha = theta.t()[0]
-    a_z = a_r1[:, 2] + torch.tensor([0.0, 0.0, 1.0], dtype=theta.dtype, device=theta.device)[:, None]  # a_R e_z
-    u = torch.stack([rot_t[:, 0], rot_t[:, 1] * alpha.cos() + rot_t[:, 2] * alpha.sin(), _cm_mv(rot_t, a_z)])
-    b2 = q2 + torch.eye(3, 2, dtype=theta.dtype, device=theta.device)[..., None]  # (R_G^T a_R R_G)[:, :2]
-    g = grad_phi.to(theta.dtype).t()
-    gw = g[:6].reshape(3, 2, -1)  # (3 outputs, 2 inputs, N): dC/dW
-    gb = g[6:]  # (3, N): dC/db
-    v = _cm_cross(b2[:, 0], gw[:, 0]) * half[0]
-    v = v + _cm_cross(b2[:, 1], gw[:, 1]) * half[1]
-    v = v + _cm_cross(c + _cm_mv(rot_t, trans_geom.t()), gb)
-    angles = (u * v[None]).sum(1)  # (3 angles, N)
-    return torch.cat([angles, _cm_mv(rot_t.transpose(0, 1), gb)]).t().contiguous()
+    return _vjp_rows(theta.t().contiguous(), grad_phi.to(theta.dtype).t().contiguous(), _cm(rot_geom),
+                     trans_geom.t(), half)
+
+
+def _vjp_rows(t: Tensor, g: Tensor, rot: Tensor, tg: Tensor, half: Tensor) -> Tensor:
+    """:func:`phi_theta_vjp` of Theta rows ``t`` (6, N) and gradient rows ``g`` (9, N), with R_G
+    component-major (3, 3, N) and T_G as rows (3, N): dC/dTheta (N, 6)."""
+    (sa, ca, sb, cb, _, _), a_r1, rot_t = _rows_frame(t, rot)
+    rows = [[rot[i, j] for j in range(3)] for i in range(3)]
+    v = _rows_cross(_rows_mv(rot_t, [x.add_(tg[i]) for i, x in enumerate(_rows_mv(a_r1, [tg[0], tg[1], tg[2]]))]),
+                    [g[6], g[7], g[8]])  # c x dC/db
+    for j in range(2):
+        b = _rows_mv(rot_t, _rows_mv(a_r1, [rot[0, j], rot[1, j], rot[2, j]]))  # (B - 1)[:, j]
+        b[j] = b[j].add_(1.0)
+        for x, y in zip(v, _rows_cross(b, [g[j], g[2 + j], g[4 + j]])):
+            x.add_(y, alpha=float(half[j]))
+    rv = _rows_mv(rows, v)  # R_G v: u_a . v = (R_G u_a) . (R_G v), R_G u = (e_x, R_x(alpha) e_y, a_R e_z)
+    d_beta = torch.mul(ca, rv[1]).addcmul_(sa, rv[2])
+    d_gamma = torch.mul(sb, rv[0]).addcmul_(cb * sa, rv[1], value=-1.0).addcmul_(cb * ca, rv[2])
+    return torch.stack([rv[0], d_beta, d_gamma, *_rows_mv(rows, [g[6], g[7], g[8]])], 1)
 
 
 def highland_theta0(p: Tensor, x_x0: Tensor, mass: float = PION_MASS) -> Tensor:
@@ -864,8 +902,8 @@ class ITSAlignmentModel(nn.Module):
             raise ValueError(f"ITSAlignmentModel.theta_grad: sensors must be a 1-d int64 tensor of ids, got "
                              f"{sensors.dtype} {tuple(sensors.shape)}")
         out = theta.new_zeros(n, 6)
-        out[sensors] = phi_theta_vjp(theta[sensors], grad_phi[sensors], self.rot_geom[sensors],
-                                     self.trans_geom[sensors], self.half_size)
+        out[sensors] = _vjp_rows(theta[sensors].t().contiguous(), grad_phi[sensors].to(theta.dtype).t().contiguous(),
+                                 _cm(self.rot_geom)[..., sensors], self.trans_geom[sensors].t(), self.half_size)
         return out
 
     # --- geometry ---------------------------------------------------------------------------------
