@@ -263,6 +263,8 @@ class ITSAlignWorker(Stage):
         self._spooled = 0  # batches spooled by this incarnation
         self._packed: dict[tuple[int, int], Any] = {}  # (incarnation, index in its spool) -> TrackBatch
         self._packed_bytes = 0
+        self._packed_tracks = 0
+        self._repacked = 0  # replayed batches packed again (beyond cache_mb)
         # the spool of epoch 1 (one file per incarnation, so a restarted replica keeps the data
         # its previous incarnation received)
         base = cfg.spool_dir or (str(Path(cfg.run_dir) / "spool") if cfg.run_dir else "")
@@ -316,6 +318,9 @@ class ITSAlignWorker(Stage):
             if key is not None and self._packed_bytes + size <= cfg.cache_mb * 2**20:
                 self._packed[key] = tb
                 self._packed_bytes += size
+                self._packed_tracks += tb.n_tracks
+            if not live:
+                self._repacked += 1
         if tb.n_tracks:
             ev = tb.n_events
             gn = cfg.optimizer.method == "gn"
@@ -356,7 +361,7 @@ class ITSAlignWorker(Stage):
         tot = self.group.allreduce_sum(vec)
         n6 = theta.numel()
         mu, n_active, cost, events, steps = (float(x) for x in tot[n6:])
-        if mu > 0:
+        if mu > 0 and self.ctx.replicas > 1:  # a single replica's average is its own Theta
             self.model.set_theta((tot[:n6] / mu).reshape(theta.shape))
         self.syncs += 1
         self.epoch_totals["cost"] += cost
@@ -482,4 +487,6 @@ class ITSAlignWorker(Stage):
         return {"epochs": len(self.epoch_costs), "syncs": self.syncs, "steps": self.steps,
                 "events_seen": self.events_seen,
                 "epoch_cost": [e["epoch_cost"] for e in self.epoch_costs], "rejects": rej,
-                "published": self.published, "group": self.group.stats(), "pid": os.getpid()}
+                "published": self.published, "group": self.group.stats(), "pid": os.getpid(),
+                "cache": {"batches": len(self._packed), "tracks": self._packed_tracks,
+                          "mb": round(self._packed_bytes / 2**20, 3), "repacked_batches": self._repacked}}

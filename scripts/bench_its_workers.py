@@ -17,7 +17,19 @@ replay each worker's spool and are the alignment's own throughput: per case the 
   4 GB per worker) and of the source;
 * ``seed_workload_h``: the seed's training (5M events x 8 tracks, 45 epochs; ~2 weeks on an
   Intel i7 in the seed) extrapolated from ``tracks_per_s`` (the tracks per event that pass the
-  selection are measured here), beside the seed's 336 h.
+  selection are measured here), beside the seed's 336 h. This assumes every replayed track is
+  cached, as it is here (``cache_mb`` holds the benchmark's sample);
+* ``seed_workload_h_seed_scale``: the same at the seed's scale, where each worker's cache of
+  packed tracks (``--cache-mb``, the workers' ``cache_mb``) holds only part of its partition and
+  the rest of the spool is packed again in every replayed epoch. Every case is run a second time
+  with ``cache_mb: 0`` (``tracks_per_s_uncached``: every replayed batch packed again), the cache's
+  size per track is measured (``cache_bytes_per_track``, the workers' own accounting), and::
+
+      f = min(1, M * cache_mb / cache_bytes_per_track / (5M * 8))   # cached share of an epoch
+      seed_workload_h_seed_scale = 45 * 5M * 8 * (f / tracks_per_s + (1 - f) / tracks_per_s_uncached) / 3600
+
+  Neither figure counts the live first epoch's extra work (the Gauss-Newton blocks accumulated
+  per step), which the benchmark cannot separate from the simulation.
 
 On a 2-core machine M = 4 shares two cores between four workers: it shows the synchronisation
 overhead, not a speed-up. The machine's load average is printed before and after.
@@ -46,7 +58,7 @@ GEOMETRIES = {
 
 
 def graph(run_dir: Path, geometry: str, workers: int, events: int, epochs: int, tau: int, per_message: int,
-          threads: int, min_hits: int) -> str:
+          threads: int, min_hits: int, cache_mb: float) -> str:
     parts = ", ".join(["1.0"] * workers)
     return textwrap.dedent(f"""
     settings: {{interface: 127.0.0.1, stall_timeout_s: 600}}
@@ -71,6 +83,7 @@ def graph(run_dir: Path, geometry: str, workers: int, events: int, epochs: int, 
           epochs: {epochs}
           threads: {threads}
           min_hits: {min_hits}
+          cache_mb: {cache_mb}
           publish_every: 1000000
           run_dir: {run_dir}
         inputs: {{hits: hits}}
@@ -85,19 +98,19 @@ def graph(run_dir: Path, geometry: str, workers: int, events: int, epochs: int, 
     """)
 
 
-def run_case(args: argparse.Namespace, workers: int, tau: int, base: Path) -> dict:
+def run_graph_case(args: argparse.Namespace, workers: int, tau: int, run_dir: Path, cache_mb: float) -> dict:
+    """One run of the graph; the figures of its replayed epochs."""
     from streamcal.graph import parse_graph
     from streamcal.runtime import run_graph
 
-    run_dir = base / f"m{workers}_tau{tau}"
     spec = parse_graph(graph(run_dir, GEOMETRIES[args.geometry], workers, args.events, args.epochs, tau,
                              args.events_per_message, args.threads,
-                             args.min_hits or (3 if args.geometry == "ib" else 4)))
+                             args.min_hits or (3 if args.geometry == "ib" else 4), cache_mb))
     t0 = time.monotonic()
     res = run_graph(spec, print_summary=False, progress=False)
     wall = time.monotonic() - t0
     if res.status != "completed":
-        raise SystemExit(f"M={workers}: the run did not complete: {res.problems}")
+        raise SystemExit(f"M={workers}, cache_mb={cache_mb}: the run did not complete: {res.problems}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "epoch_cost" in r]
     syncs = [r for r in rows if "sync" in r]
@@ -105,29 +118,51 @@ def run_case(args: argparse.Namespace, workers: int, tau: int, base: Path) -> di
     replay = [e for e in t_end if e >= 2]
     tracks = {e: sum(r["tracks"] for r in syncs if r["epoch"] == e) for e in t_end}
     replay_s = t_end[max(replay)] - t_end[1] if replay else float("nan")
-    replay_tracks = sum(tracks[e] for e in replay)
     workers_rep = [r for r in res.reports if r["metrics"]["stage"] == "align"]
     source = [r for r in res.reports if r["metrics"]["stage"] == "tracks"][0]
-    tracks_per_event = tracks[1] / max(epochs[0]["events"], 1)
-    tps = replay_tracks / replay_s if replay_s > 0 else float("nan")
-    seed_tracks = SEED_EVENTS * SEED_TRACKS_PER_EVENT * SEED_EPOCHS
+    caches = [r["summary"]["cache"] for r in workers_rep]
+    cached_tracks = sum(c["tracks"] for c in caches)
     return {
-        "workers": workers,
-        "tau": tau,
-        "run_dir": str(run_dir) if args.keep else None,
         "wall_s": round(wall, 2),
         "epoch_end_s": t_end,
         "replay_epochs": len(replay),
         "tracks_per_epoch": tracks[1],
-        "tracks_per_event_selected": round(tracks_per_event, 3),
-        "tracks_per_s": round(tps, 1),
+        "tracks_per_event_selected": round(tracks[1] / max(epochs[0]["events"], 1), 3),
+        "tracks_per_s": round(sum(tracks[e] for e in replay) / replay_s, 1) if replay_s > 0 else float("nan"),
         "syncs": len(syncs),
         "epoch_cost": [round(e["epoch_cost"], 5) for e in epochs],
         "peak_rss_mb_worker_max": round(max(r["peak_rss_mb"] for r in workers_rep), 1),
         "peak_rss_mb_source": round(source["peak_rss_mb"], 1),
-        "seed_workload_h": round(seed_tracks / tps / 3600.0, 2) if tps == tps else None,
-        "seed_workload_h_seed": SEED_HOURS,
+        "cached_tracks": cached_tracks,
+        "cache_bytes_per_track": round(sum(c["mb"] for c in caches) * 2**20 / cached_tracks, 1) if cached_tracks else None,
+        "repacked_batches": sum(c["repacked_batches"] for c in caches),
     }
+
+
+def run_case(args: argparse.Namespace, workers: int, tau: int, base: Path) -> dict:
+    """M workers at one tau: with the cache (``--cache-mb``) and without it, and both
+    extrapolations of the seed's workload (module docstring)."""
+    cached = run_graph_case(args, workers, tau, base / f"m{workers}_tau{tau}", args.cache_mb)
+    uncached = run_graph_case(args, workers, tau, base / f"m{workers}_tau{tau}_nocache", 0.0)
+    seed_tracks = SEED_EVENTS * SEED_TRACKS_PER_EVENT
+    tps, tps0 = cached["tracks_per_s"], uncached["tracks_per_s"]
+    per_track = cached["cache_bytes_per_track"]
+    frac = min(1.0, workers * args.cache_mb * 2**20 / per_track / seed_tracks) if per_track else 0.0
+    case = {"workers": workers, "tau": tau, "cache_mb": args.cache_mb,
+            "run_dir": str(base / f"m{workers}_tau{tau}") if args.keep else None, **cached}
+    case.update({
+        "tracks_per_s_uncached": tps0,
+        "wall_s_uncached": uncached["wall_s"],
+        "peak_rss_mb_worker_max_uncached": uncached["peak_rss_mb_worker_max"],
+        "seed_cached_fraction": round(frac, 4),
+        "seed_workload_h": round(seed_tracks * SEED_EPOCHS / tps / 3600.0, 2) if tps == tps else None,
+        "seed_workload_h_seed_scale": round(seed_tracks * SEED_EPOCHS * (frac / tps + (1 - frac) / tps0) / 3600.0, 2)
+        if tps == tps and tps0 == tps0 else None,
+        "seed_workload_formula": "45 * 5e6 * 8 * (f / tracks_per_s + (1 - f) / tracks_per_s_uncached) / 3600, "
+                                 "f = min(1, M * cache_mb * 2**20 / cache_bytes_per_track / (5e6 * 8))",
+        "seed_workload_h_seed": SEED_HOURS,
+    })
+    return case
 
 
 def main() -> None:
@@ -140,6 +175,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--min-hits", type=int, default=None, help="hits per track (default: 3 for ib, 4 for full)")
+    ap.add_argument("--cache-mb", type=float, default=1024.0,
+                    help="the workers' cache of packed tracks (cache_mb); every case also runs with 0")
     ap.add_argument("--keep", type=Path, help="keep the runs' directories here (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
@@ -158,9 +195,11 @@ def main() -> None:
                 for m in args.workers:
                     case = run_case(args, m, tau, args.keep or Path(tmp))
                     result["cases"].append(case)
-                    print(f"M={m}, tau={tau}: {case['tracks_per_s']:.0f} tracks/s over the replayed epochs, "
-                          f"peak worker RSS {case['peak_rss_mb_worker_max']:.0f} MB, epoch cost {case['epoch_cost']}",
-                          flush=True)
+                    print(f"M={m}, tau={tau}: {case['tracks_per_s']:.0f} tracks/s over the replayed epochs "
+                          f"({case['tracks_per_s_uncached']:.0f} packing every batch again), "
+                          f"peak worker RSS {case['peak_rss_mb_worker_max']:.0f} MB, epoch cost {case['epoch_cost']}, "
+                          f"seed workload {case['seed_workload_h']} h cached, "
+                          f"{case['seed_workload_h_seed_scale']} h at the seed's scale", flush=True)
     finally:
         ray.shutdown()
     for c in result["cases"]:  # over M = the first worker count, same tau
