@@ -1,7 +1,7 @@
 """ITS2 alignment commands: ``streamcal evaluate align`` and ``streamcal its export-mille``.
 
     streamcal evaluate align --run RUN_DIR [--compare RUN_DIR2 ...] --report OUT_DIR
-                             [--events N] [--seed S] [--pt-spectrum run|uniform]
+                             [--events N] [--seed S] [--pt-spectrum run|uniform] [--min-sensor-hits N]
     streamcal its export-mille --run RUN_DIR --out OUT_DIR [--at zero|fitted] [--min-hits N]
                              [--normalisation cost|chi2] [--double] [--method M] [--min-entries N]
 
@@ -52,6 +52,10 @@ def _table(summary: dict[str, Any]) -> str:
             f"{'residual RMS':16s} " + " ".join(f"{d + ' [' + units[d] + ']':>14s}" for d in units)]
     for key in ("before", "after"):
         rows.append(f"{key:16s} " + " ".join(f"{num(h['residual_rms_' + key][d]):>14s}" for d in units))
+    if h.get("residual_rms_after_reached"):
+        n = summary["residuals"]["reached_sensors"]
+        rows.append(f"{'after, reached':16s} " + " ".join(f"{num(h['residual_rms_after_reached'][d]):>14s}" for d in units)
+                    + f"   ({n} sensors with >= {summary['residuals']['min_sensor_hits']} expected training hits)")
     rows.append("DCA_xy max |bias| [um]: " + ", ".join(f"{k} {num(v)}" for k, v in h["dca_bias_max_abs_um"].items()))
     ratio = ", ".join(num(r) for r in h["dca_resolution_ratio_after_ideal"])
     worst = num(h["dca_resolution_ratio_after_ideal_max"])
@@ -71,7 +75,8 @@ def cmd_evaluate_align(args: argparse.Namespace) -> int:
         print("error: --checkpoint is for evaluate sc1d/sc3d; evaluate align takes --run RUN_DIR", file=sys.stderr)
         return 2
     try:
-        config = EvaluationConfig(events=args.events, seed=args.seed, pt_spectrum=args.pt_spectrum)
+        config = EvaluationConfig(events=args.events, seed=args.seed, pt_spectrum=args.pt_spectrum,
+                                  min_sensor_hits=args.min_sensor_hits)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -89,6 +94,9 @@ def _add_align_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compare", nargs="+", action="extend", metavar="RUN_DIR",
                    help="more run directories whose cost history is drawn beside the run's")
     g.add_argument("--events", type=_positive_int, default=20_000, help="events per test sample (default 20000)")
+    g.add_argument("--min-sensor-hits", type=_positive_int, default=100,
+                   help="residuals are also reported over the sensors the training data reach with at least "
+                        "this many hits (default 100)")
     g.add_argument("--pt-spectrum", choices=("run", "uniform"), default="run",
                    help="pT spectrum of the test samples: the run's, or uniform over its range (fills high pT)")
 

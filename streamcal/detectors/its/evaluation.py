@@ -68,7 +68,14 @@ import torch
 from scipy.special import erf
 from torch import Tensor
 
-from streamcal.detectors.its.align import Constraints, OptimizerConfig, pack_tracks
+from streamcal.detectors.its.align import (
+    Constraints,
+    OptimizerConfig,
+    _hit_theta_derivatives,
+    _projector_blocks,
+    local_basis,
+    pack_tracks,
+)
 from streamcal.detectors.its.geometry import ITSGeometry, ITSGeometryConfig, LayerSpec, build_geometry
 from streamcal.detectors.its.misalignment import (
     RIGID_MODES,
@@ -114,6 +121,8 @@ __all__ = [
     "expected_robust_sigma",
     "dca_vs_pt",
     "chi2_per_track",
+    "SensorPrecision",
+    "sensor_precision",
     "EvaluationConfig",
     "default_test_seed",
     "evaluate_run",
@@ -799,6 +808,101 @@ def chi2_per_track(geom: ITSGeometry, sample: EvalSample, theta: np.ndarray,
     return out.chi2.numpy().copy(), out.ndf.numpy().copy(), float(out.cost)
 
 
+@dataclass(frozen=True, eq=False)
+class SensorPrecision:
+    """What the training data can tell about each sensor on its own.
+
+    Attributes:
+        hits: (N,) expected hits per sensor in the run's training data (the sample's hits times
+            ``scale``).
+        sigma: (N, 6) expected conditional standard deviation of each local DoF (rot_u, rot_v,
+            rot_w in rad; du, dv, dw in mm): ``sqrt(diag((L^T F_s L)^-1))`` with ``F_s`` the
+            sensor's own 6 x 6 block of the Fisher information of the chi2 with the track
+            parameters profiled out, summed over the sample and times ``scale``, and ``L`` the
+            local-to-global map (:func:`~streamcal.detectors.its.align.local_basis`). It is the
+            error of a sensor fitted while all others are exact: a lower bound of the error of a
+            global fit (correlations with other sensors only add to it). ``inf`` where the sensor
+            has too few hits to fix all six DoFs.
+        scale: training events / sample events.
+    """
+
+    hits: np.ndarray
+    sigma: np.ndarray
+    scale: float
+
+
+@torch.no_grad()
+def sensor_precision(geom: ITSGeometry, batch: TrackBatch, model_config: ITSAlignmentConfig, scale: float,
+                     *, chunk_tracks: int = 4096) -> SensorPrecision:
+    """:class:`SensorPrecision` from the tracks of ``batch`` (selected as in training), scaled to
+    ``scale`` times their number. The hit weights are the model's (intrinsic plus multiple scattering
+    per hit, uncorrelated: the same approximation as the cost)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"sensor_precision: scale must be a positive finite number, got {scale!r}")
+    model = ITSAlignmentModel.from_geometry(geom, replace(model_config, precision="float64"))
+    if not isinstance(batch, TrackBatch):
+        raise ValueError(f"sensor_precision: batch must be a TrackBatch, got {type(batch).__name__}")
+    n = geom.n_sensors
+    fisher = torch.zeros(n, 36, dtype=torch.float64)
+    hits = torch.zeros(n, dtype=torch.float64)
+    phi = model.phi.detach()
+    for lo in range(0, batch.n_tracks, chunk_tracks):
+        idx = slice(lo, min(lo + chunk_tracks, batch.n_tracks))
+        sub = TrackBatch(batch.sensor[idx], batch.local[idx], batch.mask[idx], batch.event[idx],
+                         batch.n_events, batch.vertex)
+        res = model._evaluate(sub, phi, need_grad=True)
+        ve, vz = _hit_theta_derivatives(model, sub, res)  # (T, K, 6)
+        pxy, pz = _projector_blocks(res)  # (T, K+1, K+1), vertex last
+        k = sub.sensor.shape[1]
+        same = (sub.sensor[:, :, None] == sub.sensor[:, None, :]) & sub.mask[:, :, None] & sub.mask[:, None, :]
+        t, i, j = same.nonzero(as_tuple=True)  # hit pairs on one sensor (i == j, and overlaps)
+        blocks = (pxy[:, :k, :k][t, i, j, None, None] * ve[t, i][:, :, None] * ve[t, j][:, None, :]
+                  + pz[:, :k, :k][t, i, j, None, None] * vz[t, i][:, :, None] * vz[t, j][:, None, :])
+        fisher.index_add_(0, sub.sensor[t, i], blocks.reshape(-1, 36))
+        hits.index_add_(0, sub.sensor[sub.mask], torch.ones(int(sub.mask.sum()), dtype=torch.float64))
+    basis = local_basis(model)  # (N, 6, 6): local deltas -> global Theta
+    f_loc = basis.transpose(1, 2) @ (fisher.reshape(n, 6, 6) * scale) @ basis
+    f_loc = 0.5 * (f_loc + f_loc.transpose(1, 2))
+    d = f_loc.diagonal(dim1=1, dim2=2).clamp_min(1e-300).sqrt()  # unit-diagonal scaling
+    unit = f_loc / (d[:, :, None] * d[:, None, :])
+    ev = torch.linalg.eigvalsh(unit)
+    ok = (ev[:, 0] > 1e-10 * ev[:, -1].clamp_min(1e-300)) & (hits > 0)
+    sigma = torch.full((n, 6), math.inf, dtype=torch.float64)
+    if bool(ok.any()):
+        cov = torch.linalg.inv(unit[ok]).diagonal(dim1=1, dim2=2).clamp_min(0)
+        sigma[ok] = cov.sqrt() / d[ok]
+    return SensorPrecision((hits * scale).numpy(), sigma.numpy(), float(scale))
+
+
+def _training_events(run_dir: Path) -> int | None:
+    """Events of the run's first epoch (its training data), from ``metrics.jsonl``."""
+    path = run_dir / METRICS_JSONL
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "epoch_cost" in row and isinstance(row.get("events"), (int, float)):
+            return int(row["events"])
+    return None
+
+
+def _precision_summary(geom: ITSGeometry, prec: SensorPrecision, residual: np.ndarray,
+                       sel: np.ndarray) -> dict[str, Any]:
+    """Per layer and DoF over the sensors ``sel``: the median expected conditional error and the
+    RMS of the pulls residual / expected error (1 = at the statistical limit of a lone sensor)."""
+    sig = prec.sigma * _DOF_SCALE
+    out: dict[str, Any] = {}
+    for jd, dof in enumerate(DOFS):
+        med, pull = [], []
+        for li in range(geom.n_layers):
+            m = sel & (geom.layer == li) & np.isfinite(sig[:, jd])
+            med.append(float(np.median(sig[m, jd])) if m.any() else None)
+            pull.append(float(np.sqrt(np.mean((residual[m, jd] / sig[m, jd]) ** 2))) if m.any() else None)
+        out[dof] = {"expected_sigma_median": med, "pull_rms": pull}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The report
 
@@ -818,6 +922,10 @@ class EvaluationConfig:
         inner_hit: test tracks need a hit on the innermost layer.
         min_count: a pT bin with fewer tracks is not reported.
         chi2_edges: histogram edges of chi2/ndf.
+        min_sensor_hits: a sensor counts as reached by the tracks when the training data are
+            expected to put at least this many hits on it (:func:`sensor_precision`, from a sample
+            of ``events`` events selected as in training, scaled to the run's events); the
+            residuals are reported over all free sensors and over the reached ones.
     """
 
     events: int = 20_000
@@ -828,6 +936,7 @@ class EvaluationConfig:
     inner_hit: bool = True
     min_count: int = 50
     chi2_edges: tuple[float, ...] = tuple(float(x) for x in np.linspace(0.0, 5.0, 51))
+    min_sensor_hits: int = 100
 
     def __post_init__(self) -> None:
         if not (isinstance(self.events, int) and self.events >= 1):
@@ -844,6 +953,8 @@ class EvaluationConfig:
             raise ValueError(f"EvaluationConfig.min_hits must be an integer >= 3, got {self.min_hits!r}")
         if not (isinstance(self.min_count, int) and self.min_count >= 2):
             raise ValueError(f"EvaluationConfig.min_count must be an integer >= 2, got {self.min_count!r}")
+        if not (isinstance(self.min_sensor_hits, int) and self.min_sensor_hits >= 1):
+            raise ValueError(f"EvaluationConfig.min_sensor_hits must be an integer >= 1, got {self.min_sensor_hits!r}")
 
 
 def default_test_seed(training_seed: int) -> int:
@@ -928,6 +1039,23 @@ def evaluate_run(
                                inner_hit=cfg.inner_hit)
     say(f"test samples: {ideal.batch.n_tracks} ideal and {mis.batch.n_tracks} misaligned tracks "
         f"({cfg.events} events each, seed {seed})")
+    # what the training data can tell about each sensor: expected hits and conditional errors
+    train_events = _training_events(Path(run_dir))
+    if train_events:
+        sel_sample = simulate_eval_sample(geom, sim, cfg.events, theta=None, min_hits=cfg.min_hits, inner_hit=False)
+        prec = sensor_precision(geom, sel_sample.batch, rc.model, train_events / cfg.events)
+        reached = free & (prec.hits >= cfg.min_sensor_hits)
+        d_after = (global_to_local(geom, run.theta) - global_to_local(geom, reference)) * _DOF_SCALE
+        residuals["training_events"] = train_events
+        residuals["min_sensor_hits"] = cfg.min_sensor_hits
+        residuals["reached_sensors"] = int(reached.sum())
+        residuals["reached_per_layer"] = [int((reached & (geom.layer == li)).sum()) for li in range(geom.n_layers)]
+        residuals["free_per_layer"] = [int((free & (geom.layer == li)).sum()) for li in range(geom.n_layers)]
+        residuals["before_reached"] = residual_statistics(geom, zeros, reference, reached)
+        residuals["after_reached"] = residual_statistics(geom, run.theta, reference, reached)
+        residuals["precision_reached"] = _precision_summary(geom, prec, d_after, reached)
+        say(f"sensor precision: {int(reached.sum())} of {int(free.sum())} free sensors reached "
+            f"(>= {cfg.min_sensor_hits} expected hits in {train_events} training events)")
     fits = {"ideal": (ideal, zeros), "before": (mis, zeros), "after": (mis, run.theta)}
     dca = {k: dca_xy(geom, s, th, rc.model) for k, (s, th) in fits.items()}
     bins = {k: dca_vs_pt(r, cfg.pt_edges, cfg.min_count) for k, r in dca.items()}
@@ -969,6 +1097,8 @@ def evaluate_run(
         "residual_rms_after": {d: residuals["after"]["all"][d]["rms"] for d in DOFS},
         "residual_rms_before": {d: residuals["before"]["all"][d]["rms"] for d in DOFS},
         "residual_units": DOF_UNITS,
+        "residual_rms_after_reached": ({d: residuals["after_reached"]["all"][d]["rms"] for d in DOFS}
+                                       if "after_reached" in residuals else None),
         "dca_bias_max_abs_um": {k: _max_abs(b["mean_um"]) for k, b in bins.items()},
         "dca_bias_max_significance": {
             k: _max_abs([None if m is None else m / e for m, e in zip(b["mean_um"], b["mean_err_um"])])
