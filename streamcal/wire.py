@@ -334,10 +334,16 @@ def _schema_difference(got: pa.Schema, info: SchemaInfo) -> WireError:
                     f"schema '{info.name}': column '{w.name}' has tensor shape {list(g.type.shape)}, "
                     f"expected {list(w.type.shape)}",
                 )
+        if g.type.equals(w.type):  # only the nullability differs
+            return WireError(
+                "schema_mismatch",
+                f"schema '{info.name}': column '{w.name}' is {'nullable' if g.nullable else 'not nullable'}, "
+                f"expected {'nullable' if w.nullable else 'not nullable'} (type {w.type})",
+            )
         return WireError(
             "schema_mismatch", f"schema '{info.name}': column '{w.name}' has type {g.type}, expected {w.type}"
         )
-    return WireError("schema_mismatch", f"schema '{info.name}': metadata or nullability differs")
+    return WireError("schema_mismatch", f"schema '{info.name}': metadata differs")
 
 
 def encode(header: Header, batch: pa.RecordBatch | None) -> list[bytes | pa.Buffer]:

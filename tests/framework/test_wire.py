@@ -225,3 +225,14 @@ def test_payload_fast_path_agrees_with_the_stream_reader(info):
     assert wire._decode_exact(pa.py_buffer(other), info) is None
     assert wire._decode_exact(pa.py_buffer(two), info) is None
     assert accepted >= 3
+
+
+def test_a_nullability_mismatch_is_named_as_such():
+    h, _ = _good_frames()
+    fields = [pa.field(f.name, f.type, nullable=True) for f in SAMPLES.schema]
+    batch = pa.RecordBatch.from_arrays([pa.array([1], pa.int64()), pa.array([1], pa.int32()), pa.array([0.5])],
+                                       schema=pa.schema(fields))
+    with pytest.raises(WireError) as e:
+        wire.decode([h, wire.encode_payload(batch)])
+    assert e.value.reason == "schema_mismatch"
+    assert "column 'event' is nullable, expected not nullable (type int64)" in str(e.value)
