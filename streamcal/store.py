@@ -17,6 +17,7 @@ busy timeout); every write is one transaction.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from streamcal.errors import StreamcalError
 __all__ = ["CalibStore", "StoredObject", "OPEN_END", "add_subparser"]
 
 OPEN_END = 2**63 - 1  # t1 of an open-ended validity interval
+WALL_CLOCK_NS = 10**18  # event times from here on (2001-09-09) are read as wall-clock times when shown
 _FORMATS = ("arrow", "bytes")
 
 _SCHEMA = """
@@ -173,6 +175,13 @@ class CalibStore:
         ).fetchone()
         return None if row is None else self._row(row, True)
 
+    def latest(self, name: str) -> StoredObject | None:
+        """The object named ``name`` whose validity starts last (the newest stored, if several), or None."""
+        row = self._db.execute(
+            f"SELECT {self._COLS}, payload FROM objects WHERE name = ? ORDER BY t0_ns DESC, id DESC LIMIT 1", (name,)
+        ).fetchone()
+        return None if row is None else self._row(row, True)
+
     def by_id(self, object_id: int) -> StoredObject:
         row = self._db.execute(f"SELECT {self._COLS}, payload FROM objects WHERE id = ?", (object_id,)).fetchone()
         if row is None:
@@ -203,9 +212,19 @@ class CalibStore:
 
 # ---------------------------------------------------------------------- CLI
 def _time_ns(text: str) -> int:
-    """``123ns``, ``1.5s``, ``10ms``, ``250us`` or a bare integer (ns)."""
+    """``123ns``, ``1.5s``, ``10ms``, ``250us``, a bare integer (ns), or a UTC date and time
+    (ISO 8601, ``2026-12-06T21:30:05.25``; the event times of graphs on the wall clock)."""
     units = (("ns", 1), ("us", 10**3), ("ms", 10**6), ("s", 10**9))
     t = text.strip()
+    if "T" in t or (t.count("-") >= 2 and ":" in t):
+        try:
+            when = datetime.datetime.fromisoformat(t.replace(" ", "T"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an ISO 8601 date and time (2026-12-06T21:30:05)") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        delta = when - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+        return (delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 10**3
     for suffix, scale in units:
         if t.endswith(suffix) and not (suffix == "s" and t[-2:] in ("ns", "us", "ms")):
             try:
@@ -219,7 +238,12 @@ def _time_ns(text: str) -> int:
 
 
 def _fmt_t(t: int | None) -> str:
-    return "open" if t is None else f"{t / 1e9:.6f}s"
+    if t is None:
+        return "open"
+    if t >= WALL_CLOCK_NS:  # an event time on the wall clock: also as a UTC date
+        when = datetime.datetime.fromtimestamp(t / 1e9, tz=datetime.timezone.utc)
+        return f"{t / 1e9:.6f}s ({when:%Y-%m-%d %H:%M:%S.%f} UTC)"
+    return f"{t / 1e9:.6f}s"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -237,7 +261,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     with CalibStore(args.db, readonly=True) as st:
-        obj = st.by_id(args.id) if args.id is not None else st.get(args.name, args.at)
+        if args.id is not None:
+            obj = st.by_id(args.id)
+        elif args.latest:
+            obj = st.latest(args.name)
+            if obj is None:
+                raise StreamcalError(f"no object named '{args.name}'; names in the store: {', '.join(st.names()) or 'none'}")
+        else:
+            obj = st.get(args.name, args.at)
         if obj is None:
             valid = st.list(args.name)
             hint = (f"; {len(valid)} object(s) named '{args.name}' cover "
@@ -259,13 +290,14 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     s = sub.add_parser("ls", help="list objects")
     s.add_argument("--db", default="calib.sqlite", help="store file (default calib.sqlite)")
     s.add_argument("--name")
-    s.add_argument("--at", type=_time_ns, help="only objects valid at this time (ns, or 1.5s, 10ms)")
+    s.add_argument("--at", type=_time_ns, help="only objects valid at this time (ns, 1.5s, 10ms, or UTC 2026-12-06T21:30:05)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_ls)
     s = sub.add_parser("get", help="the object valid at a time (or by id)")
     s.add_argument("name", nargs="?")
     s.add_argument("--db", default="calib.sqlite")
-    s.add_argument("--at", type=_time_ns, help="time (ns, or 1.5s, 10ms)")
+    s.add_argument("--at", type=_time_ns, help="time (ns, 1.5s, 10ms, or UTC 2026-12-06T21:30:05)")
+    s.add_argument("--latest", action="store_true", help="the object whose validity starts last")
     s.add_argument("--id", type=int)
     s.add_argument("--out", help="write the payload here (Arrow IPC stream or raw bytes)")
     s.set_defaults(func=_get_checked)
@@ -273,6 +305,6 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _get_checked(args: argparse.Namespace) -> int:
-    if args.id is None and (args.name is None or args.at is None):
-        raise StreamcalError("store get: give NAME and --at TIME, or --id ID")
+    if args.id is None and (args.name is None or (args.at is None) == (not args.latest)):
+        raise StreamcalError("store get: give NAME and one of --at TIME or --latest, or --id ID")
     return cmd_get(args)

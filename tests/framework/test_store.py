@@ -101,3 +101,30 @@ def test_calib_store_stage_and_cli(tmp_path, capsys):
     assert "no object 'demo/samples' valid at 0.015000s" in err and "cover [0.000000s, 0.010000s)" in err
     assert main(["store", "ls", "--db", str(tmp_path / "missing.sqlite")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_latest_and_wall_clock_times(tmp_path, capsys):
+    """Graphs on the wall clock store objects at event times of today: ``get --latest`` and
+    ``--at`` with a UTC date find them, and times are shown with their date."""
+    db = tmp_path / "calib.sqlite"
+    t0 = 1_796_587_200 * 10**9  # 2026-12-06T20:00:00 UTC
+    batch = pa.RecordBatch.from_pydict({"x": [1.0]})
+    with CalibStore(db) as st:
+        for k in range(3):
+            st.put("tpc/c", t0 + k * 10**8, t0 + (k + 1) * 10**8, batch, {"k": k})
+        st.put("tpc/c", t0, t0 + 10**8, batch, {"k": "late copy of the first"})  # stored last, starts first
+        assert st.latest("tpc/c").metadata == {"k": 2}
+        assert st.latest("nothing") is None
+    assert main(["store", "get", "tpc/c", "--db", str(db), "--latest"]) == 0
+    assert '"k": 2' in capsys.readouterr().out
+    assert main(["store", "get", "tpc/c", "--db", str(db), "--at", "2026-12-06T20:00:00.15"]) == 0
+    assert '"k": 1' in capsys.readouterr().out
+    assert main(["store", "get", "tpc/c", "--db", str(db), "--at", "2026-12-06 20:00:01"]) == 1
+    assert "(2026-12-06 20:00:00.000000 UTC)" in capsys.readouterr().err
+    assert main(["store", "get", "tpc/c", "--db", str(db), "--latest", "--at", "1s"]) == 1
+    assert "one of --at TIME or --latest" in capsys.readouterr().err
+    assert main(["store", "get", "nothing", "--db", str(db), "--latest"]) == 1
+    assert "no object named 'nothing'; names in the store: tpc/c" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["store", "get", "tpc/c", "--db", str(db), "--at", "2026-13-06T20:40:00"])
+    assert "is not an ISO 8601 date and time" in capsys.readouterr().err
