@@ -184,7 +184,7 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace="streamcal", log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="streamcal", log_to_driver=False,
              configure_logging=False)
     result = {"benchmark": "its_align workers", "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "load_before": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()},

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from tqdm import tqdm
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-tpc-") as workdir:
             cases = [(g, s, float(i)) for g in args.grids.split(",") for s in args.sources.split(",")

@@ -500,7 +500,7 @@ def run_transport_bench(
     own_ray = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         own_ray = True
     result: dict[str, Any] = {
         "benchmark": "transport",

@@ -14,7 +14,8 @@ def ray_session():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace="streamcal", log_to_driver=False,
+        # address="local": a new local Ray even where the address file of another (or a dead) cluster exists
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="streamcal", log_to_driver=False,
                  configure_logging=False)
     yield ray
     ray.shutdown()
