@@ -31,7 +31,10 @@ Quantities (:func:`evaluate_run`; :func:`write_report` writes ``summary.json`` a
    misalignment is removed from every sensor), then with its component along the constrained
    modes removed (``Theta - Q Q^T Theta``, as ``align.measurement_residuals``; the first-order
    exact answer is ``align.ReferenceSolution.expected``, which needs the normal matrix). Fixed
-   sensors are left out of the statistics.
+   sensors are left out of the statistics. Also over the sensors the training data reach
+   (``EvaluationConfig.min_sensor_hits`` expected hits, from a fresh sample selected as in
+   training and scaled to the run's events, :func:`sensor_precision`), with the median expected
+   error of a sensor fitted alone and the RMS of the pulls residual / that error per layer.
 2. DCA_xy vs pT on fresh test samples (the run's simulation with another seed): on the ideal
    geometry fitted with Theta = 0 (``ideal``) and on the true misaligned geometry fitted with
    Theta = 0 (``before``) and with the run's Theta (``after``). Each track is fitted without the
