@@ -1,0 +1,1046 @@
+"""Global Gauss-Newton refinement of an ITS2 alignment: matrix-free projected preconditioned
+conjugate gradients on the normal equations of the cost C, track parameters profiled out.
+
+Why. The workers' block Gauss-Newton step (``align.ThetaOptimizer``, method ``"gn"``)
+preconditions the gradient with the per-sensor blocks ``D`` of the cost without the track-fit
+projection (``D >= H``). That is Jacobi on ``H``: it converges fast for what one sensor's hits
+determine, slowly along directions that couple sensors through the tracks (a chip's shift is seen
+only relative to the layers its tracks cross). On the full ITS2 after 8 epochs the outer layers
+are at their statistical limit but the inner layers are not; the cost at the constrained truth is
+below the fit's. :func:`refine` solves the linearised problem globally instead.
+
+The linearised problem (as :func:`~streamcal.detectors.its.align.normal_equations`)::
+
+    C(Theta + d) ~ C + g^T d + d^T H d / 2,   H = sum_tracks 2 c_t V_t^T P_t V_t
+
+with, per track, ``V_t`` the hit residuals' derivatives by the Theta of their own sensor at fixed
+track parameters (``align._hit_theta_derivatives``; xy and z residuals), ``P_t = W - W J (J^T W
+J)^-1 J^T W`` the track fit's projector (``align._projector_blocks``; the vertex residual takes
+part in the fit but has no Theta derivative, so only ``P_t``'s hit block enters) and ``c_t =
+dC/dchi2_t = 1 / (N nu_event)`` (``N`` events with ``nu > 0`` over all batches).
+
+Matrix-free. ``H`` couples every pair of sensors a track crosses; it is never formed.
+:func:`gn_matvec` computes ``H p`` for a Theta vector ``p`` (N, 6) track by track: per chunk of
+tracks ``a = V p[sensor]`` (one number per hit and residual), ``b = 2 c P a`` (a (K, K) product
+per track), scattered back as ``V^T b`` with one ``index_add_``. :func:`gn_system` computes in
+one pass the cost, the gradient ``g`` and the per-sensor diagonal blocks of ``H`` (the projected
+6 x 6 blocks ``B_s``), used as the preconditioner.
+
+Solver. :func:`refine` runs ``gn_iterations`` Gauss-Newton relinearisations; each solves ``H
+delta = -g`` within the constraints (``Q^T delta = 0``, fixed sensors 0) by projected
+preconditioned CG (Gould, Hribar and Nocedal, SIAM J. Sci. Comput. 23 (2001) 1376): the
+preconditioned residual is projected onto the constraint subspace in the preconditioner's metric,
+``y = M^-1 r - M^-1 Q (Q^T M^-1 Q)^-1 Q^T M^-1 r`` (``Constraints.project(M^-1 r, M^-1)``, exact
+for a block-diagonal ``M``), so every search direction and the solution satisfy the constraints.
+Sensors without hits (no curvature, zero gradient), with fewer than ``min_sensor_hits`` or not
+among ``sensors`` are held at their value (added to the fixed ones for the solve). The start is
+put on the constraint surface first (as ``align.reference_solution``). One CG iteration is one
+pass over the data (one ``H p``).
+
+Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
+for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
+returning a fresh iterator over TrackBatch on every call (streamed: memory is bounded by one
+batch plus ``cache_mb``; the callable must yield the same tracks every time, checked by the
+counts of tracks and events per pass).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from streamcal.detectors.its.align import (
+    Constraints,
+    RejectCounts,
+    _hit_theta_derivatives,
+    _projector_blocks,
+    pack_tracks,
+)
+from streamcal.detectors.its.geometry import ITSGeometry
+from streamcal.models.its_alignment import ITSAlignmentModel, TrackBatch
+
+__all__ = [
+    "TrackSource",
+    "GNSystem",
+    "gn_system",
+    "gn_matvec",
+    "gn_block_diagonal",
+    "CGRecord",
+    "GNRecord",
+    "RefineResult",
+    "refine",
+    "REFINE_JSON",
+    "SpoolTracks",
+    "refine_run",
+]
+
+TrackSource = Union[Sequence[TrackBatch], TrackBatch, Callable[[], Iterable[TrackBatch]]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and its linearisation
+
+
+@dataclass
+class _Chunk:
+    """Linearisation of a chunk of tracks at one Theta (everything the ``H p`` product needs).
+
+    ``pxy``, ``pz`` are the hit blocks of the projectors times ``2 c_t`` with ``c_t = 1/nu_event``
+    (not yet divided by the number of events ``N``, known only after a full pass)."""
+
+    sensor: Tensor  # (T, K) int64, 0 on padding
+    ve: Tensor  # (T, K, 6) de/dTheta, 0 on padding
+    vz: Tensor  # (T, K, 6) drz/dTheta, 0 on padding
+    pxy: Tensor  # (T, K, K)
+    pz: Tensor  # (T, K, K)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sensor, self.ve, self.vz, self.pxy, self.pz))
+
+    def to(self, dtype: torch.dtype) -> _Chunk:
+        """The chunk with its floating-point arrays in ``dtype``."""
+        return _Chunk(self.sensor, self.ve.to(dtype), self.vz.to(dtype), self.pxy.to(dtype), self.pz.to(dtype))
+
+
+@dataclass
+class _Pass:
+    """What one pass over the data saw."""
+
+    cost_sum: float = 0.0  # sum_events chi2 / nu
+    events: int = 0  # events with nu > 0
+    tracks: int = 0
+    chunks: int = 0
+
+
+Consumer = Callable[[_Chunk, "TrackBatch | None", "Tensor | None", "dict[str, Tensor] | None"], None]
+_CACHE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class _Source:
+    """The track data of :func:`refine` and the ``gn_*`` functions: iterates over TrackBatch,
+    validates each batch, splits it into chunks of tracks and keeps (part of) their linearisation
+    for the passes at the same Theta (in ``cache_precision``)."""
+
+    def __init__(self, model: ITSAlignmentModel, data: TrackSource, where: str, *, chunk_tracks: int,
+                 cache_mb: float | None, cache_precision: str = "float64") -> None:
+        if not (isinstance(chunk_tracks, int) and not isinstance(chunk_tracks, bool) and chunk_tracks >= 1):
+            raise ValueError(f"{where}: chunk_tracks must be an integer >= 1, got {chunk_tracks!r}")
+        if cache_mb is not None and not (isinstance(cache_mb, (int, float)) and not isinstance(cache_mb, bool)
+                                         and cache_mb >= 0 and math.isfinite(cache_mb)):
+            raise ValueError(f"{where}: cache_mb must be a finite number >= 0 (MB) or None, got {cache_mb!r}")
+        if cache_precision not in _CACHE_DTYPES:
+            raise ValueError(f"{where}: cache_precision must be 'float64' or 'float32', got {cache_precision!r}")
+        self.where = where
+        self.model = model
+        self.chunk_tracks = chunk_tracks
+        self.cache_dtype = _CACHE_DTYPES[cache_precision]
+        if isinstance(data, TrackBatch):
+            data = [data]
+        self.factory: Callable[[], Iterable[TrackBatch]] | None = None
+        self.batches: list[TrackBatch] | None = None
+        if isinstance(data, (list, tuple)):
+            self.batches = list(data)
+            if not self.batches:
+                raise ValueError(f"{where}: data must hold at least one TrackBatch")
+            for i, b in enumerate(self.batches):
+                if not isinstance(b, TrackBatch):
+                    raise ValueError(f"{where}: data[{i}] must be a TrackBatch, got {type(b).__name__}")
+            default_cache = math.inf
+        elif callable(data):
+            self.factory = data
+            default_cache = 0.0
+        else:
+            raise ValueError(f"{where}: data must be a TrackBatch, a list of TrackBatch or a callable returning an "
+                             f"iterable of TrackBatch, got {type(data).__name__}")
+        self.cache_bytes = default_cache if cache_mb is None else float(cache_mb) * 2**20
+        self._cache: list[_Chunk | None] = []
+        self._cache_key: Any = None
+        self._complete = False  # every chunk of the data is in the cache
+        self._checked: set[int] = set()
+        self.first: _Pass | None = None  # counts of the first complete pass (the data's size)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(c.nbytes for c in self._cache if c is not None)
+
+    def clear(self) -> None:
+        """Drop the cached linearisation (Theta changed)."""
+        self._cache, self._cache_key, self._complete = [], None, False
+
+    def batches_iter(self) -> Iterator[TrackBatch]:
+        """The batches of one pass, validated."""
+        if self.batches is not None:
+            for b in self.batches:
+                if id(b) not in self._checked:
+                    self.model._check_batch(b, self.where)
+                    self._checked.add(id(b))
+                yield b
+            return
+        assert self.factory is not None
+        it = self.factory()
+        if not isinstance(it, Iterable):
+            raise ValueError(f"{self.where}: the data callable must return an iterable of TrackBatch, got "
+                             f"{type(it).__name__}")
+        for i, b in enumerate(it):
+            if not isinstance(b, TrackBatch):
+                raise ValueError(f"{self.where}: the data callable yielded a {type(b).__name__} as item {i}, "
+                                 "expected TrackBatch")
+            self.model._check_batch(b, self.where)
+            yield b
+
+    def _end_pass(self, tally: _Pass) -> None:
+        if tally.events == 0:
+            raise ValueError(f"{self.where}: no event with positive degrees of freedom in the data")
+        if self.first is None:
+            self.first = _Pass(tally.cost_sum, tally.events, tally.tracks, tally.chunks)
+        elif (tally.events, tally.tracks) != (self.first.events, self.first.tracks):
+            raise ValueError(f"{self.where}: the data changed between passes ({self.first.tracks} tracks and "
+                             f"{self.first.events} events in the first pass, {tally.tracks} and {tally.events} "
+                             "now); the data callable must yield the same tracks on every call")
+
+    @staticmethod
+    def event_scale(model: ITSAlignmentModel, batch: TrackBatch) -> tuple[Tensor, Tensor, int]:
+        """Hits per track, ``1/nu`` per event (0 for nu <= 0) and the number of events with nu > 0."""
+        nh = batch.mask.sum(1)
+        ev_ndf = torch.zeros(batch.n_events, dtype=torch.float64).index_add_(0, batch.event, model._ndf(nh))
+        good = ev_ndf > 0
+        return nh, torch.where(good, 1.0 / ev_ndf.clamp_min(1.0), torch.zeros_like(ev_ndf)), int(good.sum())
+
+    def run(self, fresh: bool, consume: Consumer, bar: Any = None) -> _Pass:
+        """One pass at the model's current Theta. ``fresh``: evaluate every chunk (``consume`` then
+        gets the batch, ``1/nu`` per event and the evaluation ``res``; the cache is refilled); else
+        cached chunks are used where present (``res`` None; when the cache holds every chunk the
+        data are not read at all). The linearisation's ``2 c_t`` is ``2 / nu_event``: the caller
+        divides by the pass's ``events``."""
+        model = self.model
+        key = (id(model.phi), model.phi._version)
+        if fresh or self._cache_key != key:
+            self.clear()
+            self._cache_key = key
+        elif self._complete and self.first is not None:
+            for ch in self._cache:
+                assert ch is not None
+                consume(ch, None, None, None)
+            if bar is not None:
+                bar.update(bar.total or 0)
+            return _Pass(math.nan, self.first.events, self.first.tracks, len(self._cache))
+        used = self.cached_bytes
+        table = model.placement_table(model.phi.detach()).to(torch.float64)
+        tally = _Pass()
+        i_chunk = 0
+        all_cached = True
+        for batch in self.batches_iter():
+            nh, scale_ev, n_good = self.event_scale(model, batch)
+            tally.events += n_good
+            tally.tracks += batch.n_tracks
+            if bar is not None:
+                bar.update(1)
+            if batch.n_tracks == 0 or n_good == 0:
+                continue
+            for idx in model._chunks(batch, nh, self.chunk_tracks):
+                cached = None if fresh or i_chunk >= len(self._cache) else self._cache[i_chunk]
+                if cached is not None:
+                    if cached.sensor.shape[0] != idx.numel():
+                        raise ValueError(f"{self.where}: the data changed between passes (chunk {i_chunk} had "
+                                         f"{cached.sensor.shape[0]} tracks, now {idx.numel()}); the data callable "
+                                         "must yield the same tracks on every call")
+                    consume(cached, batch, scale_ev, None)
+                else:
+                    cols = torch.nonzero(batch.mask[idx].any(0))
+                    k = int(cols.max()) + 1 if cols.numel() else 1
+                    sub = TrackBatch(batch.sensor[idx, :k], batch.local[idx, :k], batch.mask[idx, :k],
+                                     batch.event[idx], batch.n_events, batch.vertex)
+                    res = model._evaluate(sub, None, need_grad=False, scale_ev=scale_ev, table=table)
+                    tally.cost_sum += float(res["cost"])
+                    ch = _linearise(model, sub, res, scale_ev)
+                    if i_chunk >= len(self._cache):
+                        self._cache.append(None)
+                    keep = ch if self.cache_dtype == torch.float64 else ch.to(self.cache_dtype)
+                    if used + keep.nbytes <= self.cache_bytes:
+                        self._cache[i_chunk] = keep
+                        used += keep.nbytes
+                    else:
+                        all_cached = False
+                    consume(ch, sub, scale_ev, res)
+                tally.chunks += 1
+                i_chunk += 1
+        self._end_pass(tally)
+        self._complete = all_cached and len(self._cache) == i_chunk
+        return tally
+
+    @torch.no_grad()
+    def cost(self, bar: Any = None) -> tuple[float, _Pass]:
+        """C at the model's current Theta (the model's fast forward per batch; no linearisation)."""
+        tally = _Pass()
+        for batch in self.batches_iter():
+            _, _, n_good = self.event_scale(self.model, batch)
+            tally.events += n_good
+            tally.tracks += batch.n_tracks
+            if bar is not None:
+                bar.update(1)
+            if batch.n_tracks == 0 or n_good == 0:
+                continue
+            out = self.model(batch, self.chunk_tracks, cache=self.batches is not None)
+            tally.cost_sum += float(out.cost) * n_good  # the model normalises by the batch's events
+        self._end_pass(tally)
+        return tally.cost_sum / tally.events, tally
+
+
+def _linearise(model: ITSAlignmentModel, sub: TrackBatch, res: dict[str, Tensor], scale_ev: Tensor) -> _Chunk:
+    """The :class:`_Chunk` of the tracks ``sub`` evaluated as ``res``."""
+    ve, vz = _hit_theta_derivatives(model, sub, res)  # (T, K, 6)
+    pxy, pz = _projector_blocks(res)  # (T, K+1, K+1), vertex last: no Theta derivative
+    k = sub.sensor.shape[1]
+    m = sub.mask.to(ve.dtype)
+    mm = m[:, :, None] * m[:, None, :] * (2.0 * scale_ev[sub.event]).to(ve.dtype)[:, None, None]
+    return _Chunk(torch.where(sub.mask, sub.sensor, torch.zeros_like(sub.sensor)), ve * m[..., None],
+                  vz * m[..., None], (pxy[:, :k, :k] * mm).contiguous(), (pz[:, :k, :k] * mm).contiguous())
+
+
+def _apply(ch: _Chunk, p: Tensor, out: Tensor) -> None:
+    """``out += sum_t 2 c_t V_t^T P_t V_t p`` over the chunk's tracks (``p``, ``out``: (N, 6))."""
+    ps = p.to(ch.ve.dtype)[ch.sensor]  # (T, K, 6)
+    ae = (ch.ve * ps).sum(-1)  # (T, K) change of each residual
+    az = (ch.vz * ps).sum(-1)
+    be = torch.bmm(ch.pxy, ae[..., None])[..., 0]  # (T, K)
+    bz = torch.bmm(ch.pz, az[..., None])[..., 0]
+    contrib = be[..., None] * ch.ve + bz[..., None] * ch.vz  # (T, K, 6)
+    out.index_add_(0, ch.sensor.reshape(-1), contrib.reshape(-1, 6).to(out.dtype))
+
+
+def _diag_blocks(ch: _Chunk, out: Tensor) -> None:
+    """``out`` (N, 36) += the sensors' diagonal 6 x 6 blocks of the chunk's ``H`` (every pair of
+    hits of a track on the same sensor: the hit itself, and a second hit if a batch has one)."""
+    de = torch.diagonal(ch.pxy, dim1=1, dim2=2)  # (T, K)
+    dz = torch.diagonal(ch.pz, dim1=1, dim2=2)
+    outer = (de[..., None, None] * ch.ve[..., :, None] * ch.ve[..., None, :]
+             + dz[..., None, None] * ch.vz[..., :, None] * ch.vz[..., None, :])  # (T, K, 6, 6)
+    out.index_add_(0, ch.sensor.reshape(-1), outer.reshape(-1, 36))
+    k = ch.sensor.shape[1]
+    if k < 2:
+        return
+    off = (ch.sensor[:, :, None] == ch.sensor[:, None, :]) & ~torch.eye(k, dtype=torch.bool)[None]
+    off &= (ch.pxy != 0) | (ch.pz != 0)  # real hits only (the padding's rows are zero)
+    if bool(off.any()):
+        t, i, j = off.nonzero(as_tuple=True)
+        blk = (ch.pxy[t, i, j, None, None] * ch.ve[t, i][:, :, None] * ch.ve[t, j][:, None, :]
+               + ch.pz[t, i, j, None, None] * ch.vz[t, i][:, :, None] * ch.vz[t, j][:, None, :])
+        out.index_add_(0, ch.sensor[t, i], blk.reshape(-1, 36))
+
+
+def _as_theta(value: Any, n: int, name: str, where: str) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if tuple(t.shape) == (6 * n,):
+        t = t.reshape(n, 6)
+    if tuple(t.shape) != (n, 6):
+        raise ValueError(f"{where}: {name} must have shape ({n}, 6) or ({6 * n},), got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where}: {name} must be finite (found NaN or inf)")
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# The linearised system: cost, gradient, diagonal blocks, H p
+
+
+@dataclass
+class GNSystem:
+    """Cost, gradient and the per-sensor diagonal blocks of the Gauss-Newton matrix at one Theta.
+
+    Attributes:
+        cost: C over all data.
+        grad: (N, 6) dC/dTheta.
+        blocks: (N, 6, 6) the diagonal 6 x 6 blocks of ``H`` (track fit projected).
+        hits: (N,) hits per sensor.
+        events: events with nu > 0 (the ``N`` of the cost).
+        tracks: tracks seen.
+        seconds: wall time of the pass.
+    """
+
+    cost: float
+    grad: Tensor
+    blocks: Tensor
+    hits: Tensor
+    events: int
+    tracks: int
+    seconds: float
+
+
+def _system(src: _Source, bar: Any = None) -> GNSystem:
+    model = src.model
+    n = model.n_sensors
+    t0 = time.perf_counter()
+    grad = torch.zeros(n, 6, dtype=torch.float64)
+    blocks = torch.zeros(n, 36, dtype=torch.float64)
+    hits = torch.zeros(n, dtype=torch.float64)
+
+    def consume(ch: _Chunk, sub: TrackBatch, scale_ev: Tensor, res: dict[str, Tensor] | None) -> None:
+        assert res is not None
+        c2 = (2.0 * scale_ev[sub.event])[:, None, None]  # 2 c_t (times N)
+        gh = c2 * ((res["w_xy"] * res["e"])[..., None] * ch.ve + (res["w_z"] * res["rz"])[..., None] * ch.vz)
+        grad.index_add_(0, ch.sensor.reshape(-1), gh.reshape(-1, 6))
+        _diag_blocks(ch, blocks)
+        hits.index_add_(0, sub.sensor[sub.mask], torch.ones(int(sub.mask.sum()), dtype=torch.float64))
+
+    tally = src.run(True, consume, bar)
+    ne = float(tally.events)
+    return GNSystem(tally.cost_sum / ne, grad / ne, (blocks / ne).reshape(n, 6, 6), hits, tally.events,
+                    tally.tracks, time.perf_counter() - t0)
+
+
+def _matvec(src: _Source, p: Tensor, bar: Any = None) -> tuple[Tensor, _Pass]:
+    out = torch.zeros_like(p)
+    tally = src.run(False, lambda ch, *_: _apply(ch, p, out), bar)
+    return out / float(tally.events), tally
+
+
+@torch.no_grad()
+def gn_system(model: ITSAlignmentModel, data: TrackSource, *, chunk_tracks: int = 4096) -> GNSystem:
+    """One pass over ``data`` at the model's Theta (vectorised over tracks, chunked): the cost C,
+    its gradient ``g`` (as ``align.normal_equations``) and the diagonal blocks of the Gauss-Newton
+    matrix, ``B_s = sum_t 2 c_t sum_{i, j on s} (P_xy,ij v_e,i v_e,j^T + P_z,ij v_z,i v_z,j^T)``
+    (the diagonal blocks of ``normal_equations(...).hessian``)."""
+    _check_model(model, "gn_system")
+    return _system(_Source(model, data, "gn_system", chunk_tracks=chunk_tracks, cache_mb=0))
+
+
+def gn_block_diagonal(model: ITSAlignmentModel, data: TrackSource, *, chunk_tracks: int = 4096) -> Tensor:
+    """The per-sensor diagonal blocks (N, 6, 6) of the Gauss-Newton matrix ``H`` (track fit
+    projected; :func:`gn_system`)."""
+    _check_model(model, "gn_block_diagonal")
+    return _system(_Source(model, data, "gn_block_diagonal", chunk_tracks=chunk_tracks, cache_mb=0)).blocks
+
+
+@torch.no_grad()
+def gn_matvec(model: ITSAlignmentModel, data: TrackSource, p: Tensor | np.ndarray, *,
+              chunk_tracks: int = 4096) -> Tensor:
+    """``H p`` (N, 6) for a Theta-space vector ``p`` ((N, 6) or (6N,)): the Gauss-Newton matrix of
+    C at the model's Theta (``normal_equations(...).hessian @ p``) applied without forming it, one
+    pass over ``data`` (per chunk of tracks: ``V p`` per hit, the track's projector, ``V^T``
+    scattered back per sensor)."""
+    where = "gn_matvec"
+    _check_model(model, where)
+    pt = _as_theta(p, model.n_sensors, "p", where)
+    return _matvec(_Source(model, data, where, chunk_tracks=chunk_tracks, cache_mb=0), pt)[0]
+
+
+def _check_model(model: ITSAlignmentModel, where: str) -> None:
+    if not isinstance(model, ITSAlignmentModel):
+        raise ValueError(f"{where}: model must be an ITSAlignmentModel, got {type(model).__name__}")
+    if model.config.precision != "float64":
+        raise ValueError(f"{where}: the model's precision must be 'float64' (the projected normal equations need "
+                         f"it), got {model.config.precision!r}; build the model with "
+                         "dataclasses.replace(config, precision='float64')")
+
+
+# ------------------------------------------------------------------------------------------------
+# The solver
+
+
+@dataclass
+class CGRecord:
+    """One conjugate-gradient iteration (one ``H p`` pass).
+
+    Attributes:
+        gn: the Gauss-Newton iteration (1-based).
+        iteration: the CG iteration within it (1-based).
+        predicted_change: ``g^T d + d^T H d / 2`` of the current solution ``d``: the cost change
+            the linearised problem predicts (negative).
+        residual: ``sqrt(r^T y)``, the projected preconditioned residual norm (``r = H d + g``,
+            ``y`` the projected preconditioned residual).
+        relative_residual: ``residual`` over its value at ``d = 0``.
+        curvature: ``p^T H p`` of the search direction.
+        pass_s: seconds of the pass; time_s: seconds since the start of :func:`refine`.
+    """
+
+    gn: int
+    iteration: int
+    predicted_change: float
+    residual: float
+    relative_residual: float
+    curvature: float
+    pass_s: float
+    time_s: float
+
+
+@dataclass
+class GNRecord:
+    """One Gauss-Newton iteration.
+
+    Attributes:
+        iteration: 1-based.
+        cost_before, cost_after: C at the linearisation point and after the step.
+        predicted_change: the linearised problem's cost change of the step taken.
+        grad_norm: ``sqrt(g^T y0)`` at the linearisation point (projected, preconditioned).
+        cg_iterations: CG iterations done; converged: whether ``tol`` was reached.
+        step_scale: the fraction of the CG solution taken (halved while the cost rose).
+        max_step: max |dTheta| of the step taken (rad and mm mixed).
+        active_sensors: sensors solved for (free, with hits).
+        system_s: seconds of the pass for cost, gradient and blocks; time_s: since the start.
+        cg: the CG iterations.
+    """
+
+    iteration: int
+    cost_before: float
+    cost_after: float
+    predicted_change: float
+    grad_norm: float
+    cg_iterations: int
+    converged: bool
+    step_scale: float
+    max_step: float
+    active_sensors: int
+    system_s: float
+    time_s: float
+    cg: list[CGRecord] = field(default_factory=list)
+
+
+@dataclass
+class RefineResult:
+    """What :func:`refine` returns (the model is left at ``theta``).
+
+    Attributes:
+        theta: (N, 6) the refined Theta.
+        theta_start: (N, 6) the start, on the constraint surface.
+        cost_start, cost: C at the start and at ``theta``.
+        start_correction: max |change| that put the given start on the constraint surface.
+        events, tracks: the data's events with nu > 0 and tracks.
+        passes: passes over the data; seconds: wall time.
+        gn: per Gauss-Newton iteration, with its CG iterations.
+    """
+
+    theta: Tensor
+    theta_start: Tensor
+    cost_start: float
+    cost: float
+    start_correction: float
+    events: int
+    tracks: int
+    passes: int
+    seconds: float
+    gn: list[GNRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (without the Theta arrays)."""
+        return {
+            "cost_start": self.cost_start, "cost": self.cost, "cost_change": self.cost - self.cost_start,
+            "cost_change_times_events": (self.cost - self.cost_start) * self.events,
+            "start_correction": self.start_correction, "events": self.events, "tracks": self.tracks,
+            "passes": self.passes, "seconds": self.seconds, "gn": [asdict(g) for g in self.gn],
+        }
+
+
+def _active_constraints(constraints: Constraints, active: np.ndarray) -> Constraints:
+    """``constraints`` with the inactive sensors fixed: ``Q`` restricted to the active sensors and
+    re-orthonormalised (dependent directions dropped, as ``Constraints.build``)."""
+    rows = np.repeat(active, 6).astype(np.float64)
+    q = constraints.q.numpy() * rows[:, None]
+    if q.shape[1]:
+        norm = np.linalg.norm(q, axis=0)
+        q = q[:, norm > 1e-12] / norm[norm > 1e-12]
+    if q.shape[1]:
+        qq, r = np.linalg.qr(q)
+        q = qq[:, np.abs(np.diag(r)) > 1e-9]
+    else:
+        q = np.zeros((rows.size, 0))
+    free = torch.from_numpy(active.astype(np.float64)[:, None])
+    return Constraints(torch.from_numpy(np.ascontiguousarray(q)), free, constraints.modes)
+
+
+def _preconditioner(blocks: Tensor, active: np.ndarray, damping: float) -> Tensor:
+    """Inverse (N, 6, 6) of the diagonal blocks, each scaled to unit diagonal with ``damping`` added
+    (a block of a sensor with few hits is singular); identity on the inactive sensors."""
+    n = blocks.shape[0]
+    diag = blocks.diagonal(dim1=1, dim2=2)
+    d = torch.where(diag > 0, diag.clamp_min(1e-300).sqrt(), torch.ones_like(diag))
+    unit = blocks / (d[:, :, None] * d[:, None, :]) + damping * torch.eye(6, dtype=blocks.dtype)
+    inv = torch.linalg.inv(unit) / (d[:, :, None] * d[:, None, :])
+    act = torch.from_numpy(active)
+    return torch.where(act[:, None, None], inv, torch.eye(6, dtype=blocks.dtype).expand(n, 6, 6))
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    return float((a * b).sum())
+
+
+@dataclass
+class _PCGResult:
+    x: Tensor  # the solution taken (the iterate of smallest residual)
+    r: Tensor  # its residual H x + g (recurrence)
+    predicted: float  # g.x + x.H x / 2
+    residual0: float
+    relative: float  # its relative residual
+    converged: bool
+    note: str = ""
+
+
+def _pcg(matvec: Callable[[Tensor, int], Tensor], precond: Callable[[Tensor], Tensor], g: Tensor, max_iter: int,
+         tol: float, gn: int, t_start: float, report: Callable[[CGRecord], None],
+         diverge: float = 100.0) -> _PCGResult:
+    """Projected preconditioned CG on ``H x = -g`` from ``x = 0`` (``precond``: the projected
+    preconditioner). Stops at ``tol`` (relative ``sqrt(r^T y)``), after ``max_iter``, at a direction
+    without curvature, or when rounding takes over (``r^T y <= 0``, or the residual grown
+    ``diverge`` times above its smallest value: the iterates left the rounding floor of an
+    ill-conditioned system); returns the iterate of smallest residual."""
+    x = torch.zeros_like(g)
+    r = g.clone()
+    y = precond(r)
+    rho = _dot(r, y)
+    res0 = math.sqrt(max(rho, 0.0))
+    best = _PCGResult(x, r, 0.0, res0, 1.0, rho <= 0.0)
+    if rho <= 0.0:
+        best.note = "nothing to do: the projected gradient is zero"
+        return best
+    p = -y
+    for k in range(1, max_iter + 1):
+        t0 = time.perf_counter()
+        hp = matvec(p, k)
+        php = _dot(p, hp)
+        if not php > 0.0:
+            best.note = f"stopped at iteration {k}: a direction without curvature (p^T H p = {php:.3g})"
+            break
+        alpha = rho / php
+        x = x + alpha * p
+        r = r + alpha * hp
+        y = precond(r)
+        rho_new = _dot(r, y)
+        rel = math.sqrt(max(rho_new, 0.0)) / res0
+        pred = 0.5 * (_dot(g, x) + _dot(r, x))
+        now = time.perf_counter()
+        report(CGRecord(gn, k, pred, rel * res0, rel, php, now - t0, now - t_start))
+        if rel <= best.relative:
+            best = _PCGResult(x, r, pred, res0, rel, rel <= tol)
+        if rel <= tol:
+            break
+        if rho_new <= 0.0:
+            best.converged = True
+            best.note = f"reached the rounding floor at iteration {k} (relative residual {best.relative:.2e})"
+            break
+        if rel > diverge * best.relative:
+            best.note = (f"residual grew {diverge:g} times above its smallest value {best.relative:.2e} at iteration "
+                         f"{k}: rounding floor; the iterate of smallest residual is taken")
+            break
+        p = -y + (rho_new / rho) * p
+        rho = rho_new
+    return best
+
+
+@torch.no_grad()
+def refine(
+    model: ITSAlignmentModel,
+    data: TrackSource,
+    constraints: Constraints,
+    *,
+    gn_iterations: int = 2,
+    cg_iterations: int = 100,
+    tol: float = 1e-4,
+    chunk_tracks: int = 4096,
+    cache_mb: float | None = None,
+    cache_precision: str = "float64",
+    damping: float = 1e-6,
+    min_sensor_hits: int = 10,
+    sensors: Sequence[int] | np.ndarray | None = None,
+    max_halvings: int = 3,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    on_iteration: Callable[[CGRecord], None] | None = None,
+) -> RefineResult:
+    """Minimise C over Theta from the model's current Theta: ``gn_iterations`` Gauss-Newton
+    relinearisations, each solving ``H delta = -g`` within ``constraints`` by projected
+    preconditioned CG (module docstring), matrix-free.
+
+    Args:
+        model: the cost (float64 precision); its Theta is the start (first put on the constraint
+            surface: fixed sensors to 0, ``Theta - Q Q^T Theta``) and is set to the result.
+        data: a TrackBatch, a list of them, or a callable returning an iterator over TrackBatch
+            (the same tracks on every call; one call per pass).
+        constraints: ``Q^T Theta = 0`` and the fixed sensors (``Constraints.build``).
+        gn_iterations: relinearisations (>= 1).
+        cg_iterations: CG iterations per Gauss-Newton iteration at most (>= 1); each is a pass.
+        tol: stop CG when the projected preconditioned residual norm falls below ``tol`` times
+            its initial value.
+        chunk_tracks: tracks per vectorised chunk.
+        cache_mb: memory for the linearisation kept between the passes of one Gauss-Newton
+            iteration (about 1.5 kB per 7-hit track); None: all of it for a list of batches,
+            none for a callable (every pass recomputes it). When it holds all of it, the CG
+            passes do not read the data.
+        cache_precision: ``"float64"`` or ``"float32"`` (half the memory; ``H p`` to ~1e-7
+            relative; cost, gradient and preconditioner stay float64).
+        damping: added to the unit-diagonal scaled preconditioner blocks.
+        min_sensor_hits: sensors with fewer hits are held at their value (as those without hits:
+            a chip with one or two hits has directions without curvature, along which a step is
+            set by rounding and the non-linearity).
+        sensors: ids of the sensors to solve for (default: all); the others keep their value
+            (their tracks still enter; the constraints then act on the solved sensors' steps).
+        max_halvings: the step is halved while the cost rises, at most this often (then it is
+            not taken).
+        progress: tqdm bars; log: receives a line per Gauss-Newton iteration;
+        on_iteration: called with every :class:`CGRecord`.
+    """
+    where = "refine"
+    _check_model(model, where)
+    n = model.n_sensors
+    if not isinstance(constraints, Constraints) or constraints.n_sensors != n:
+        got = constraints.n_sensors if isinstance(constraints, Constraints) else type(constraints).__name__
+        raise ValueError(f"{where}: constraints must be a Constraints for the model's {n} sensors, got {got}")
+    for name, val, low in (("gn_iterations", gn_iterations, 1), ("cg_iterations", cg_iterations, 1),
+                           ("max_halvings", max_halvings, 0), ("min_sensor_hits", min_sensor_hits, 1)):
+        if not (isinstance(val, int) and not isinstance(val, bool) and val >= low):
+            raise ValueError(f"{where}: {name} must be an integer >= {low}, got {val!r}")
+    for name, val in (("tol", tol), ("damping", damping)):
+        if not (isinstance(val, (int, float)) and not isinstance(val, bool) and 0 <= val < 1):
+            raise ValueError(f"{where}: {name} must be a number in [0, 1), got {val!r}")
+    solve = np.ones(n, dtype=bool)
+    if sensors is not None:
+        ids = np.asarray(sensors)
+        if ids.ndim != 1 or (ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0
+                                           or ids.max() >= n)):
+            raise ValueError(f"{where}: sensors must be a 1-d array of sensor ids in 0..{n - 1}, got {sensors!r}")
+        solve[:] = False
+        solve[ids] = True
+    src = _Source(model, data, where, chunk_tracks=chunk_tracks, cache_mb=cache_mb, cache_precision=cache_precision)
+    say = log or (lambda _: None)
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    free = constraints.free[:, 0].numpy() > 0
+    q = constraints.q.numpy()
+    th0 = model.theta().reshape(-1).numpy().copy()
+    th = th0.copy()
+    fixed6 = ~np.repeat(free, 6)
+    th[fixed6] = 0.0
+    th = th - q @ (q.T @ th)
+    th[fixed6] = 0.0  # Q's rows of the fixed sensors are zero only to rounding
+    start_correction = float(np.abs(th - th0).max()) if th.size else 0.0
+    theta = torch.from_numpy(th.reshape(n, 6))
+    model.set_theta(theta)
+    theta = model.theta()
+    theta_start = theta.clone()
+    records: list[GNRecord] = []
+    passes = 0
+    n_batches: int | None = len(src.batches) if src.batches is not None else None
+
+    def bar(desc: str) -> Any:
+        return tqdm(total=n_batches, desc=desc, unit="batch", leave=False, disable=not progress)
+
+    cost_start = math.nan
+    cost = math.nan
+    for it in range(1, gn_iterations + 1):
+        with bar(f"refine GN {it}: cost, gradient, blocks") as b:
+            system = _system(src, b)
+        passes += 1
+        n_batches = n_batches if n_batches is not None else (b.n if progress else None)
+        if it == 1:
+            cost_start = system.cost
+        cost = system.cost
+        active = free & solve & (system.hits.numpy() >= min_sensor_hits)
+        cons = _active_constraints(constraints, active)
+        minv = _preconditioner(system.blocks, active, damping)
+        proj = cons.projection(minv)
+        act6 = torch.from_numpy(active)[:, None].to(torch.float64)
+
+        def precond(r: Tensor) -> Tensor:
+            return proj(torch.einsum("nij,nj->ni", minv, r * act6))
+
+        g = system.grad
+        rec = GNRecord(it, cost, math.nan, 0.0, 0.0, 0, False, 1.0, 0.0, int(active.sum()), system.seconds,
+                       time.perf_counter() - t_start)
+        records.append(rec)
+        say(f"GN {it}: C = {cost:.10g} ({system.events} events, {system.tracks} tracks, {int(active.sum())} active "
+            f"sensors), pass {system.seconds:.1f} s, cached {src.cached_bytes / 2**20:.0f} MB")
+        cg_bar = tqdm(total=cg_iterations, desc=f"refine GN {it}: CG", unit="it", disable=not progress)
+
+        def matvec(p: Tensor, k: int) -> Tensor:
+            with bar(f"CG {k}: H p") as b:
+                return _matvec(src, p, b)[0]
+
+        def report(cg: CGRecord) -> None:
+            rec.cg.append(cg)
+            cg_bar.update(1)
+            cg_bar.set_postfix(rel_res=f"{cg.relative_residual:.2e}", dC=f"{cg.predicted_change:.3e}")
+            if on_iteration is not None:
+                on_iteration(cg)
+
+        try:
+            sol = _pcg(matvec, precond, g, cg_iterations, tol, it, t_start, report)
+        finally:
+            cg_bar.close()
+        passes += len(rec.cg)
+        x, r = sol.x, sol.r
+        rec.grad_norm, rec.cg_iterations, rec.converged = sol.residual0, len(rec.cg), sol.converged
+        rec.predicted_change = sol.predicted
+        if sol.note:
+            say(f"GN {it}: CG {sol.note}")
+        # the step: exactly on the constraint surface (the CG iterates are, to rounding)
+        step = cons.project(x)
+        scale = 1.0
+        new_cost = cost
+        for _ in range(max_halvings + 1):
+            model.set_theta(theta + scale * step)
+            with bar(f"refine GN {it}: cost") as b:
+                new_cost, _ = src.cost(b)
+            passes += 1
+            if new_cost <= cost + 1e-12 * abs(cost) or not bool(step.abs().max() > 0):
+                break
+            scale *= 0.5
+        else:
+            say(f"GN {it}: the cost rose for every step scale down to {scale * 2:g}; step not taken")
+            model.set_theta(theta)
+            new_cost, scale = cost, 0.0
+        rec.step_scale = scale
+        rec.cost_after = new_cost
+        if scale != 1.0:  # q(s x) = s g.x + s^2 x.H x / 2 with x.H x = (r - g).x
+            rec.predicted_change = float(scale * _dot(g, x) + 0.5 * scale**2 * _dot(r - g, x))
+        rec.max_step = float((scale * step).abs().max())
+        rec.time_s = time.perf_counter() - t_start
+        theta = model.theta()
+        cost = new_cost
+        say(f"GN {it}: {rec.cg_iterations} CG iterations (relative residual "
+            f"{sol.relative:.2e}), predicted dC = {rec.predicted_change:.4g}, "
+            f"actual {new_cost - rec.cost_before:.4g} (times events: "
+            f"{(new_cost - rec.cost_before) * system.events:.4g}), max |dTheta| {rec.max_step:.3g}")
+        src.clear()  # Theta changed
+    first = src.first
+    assert first is not None
+    return RefineResult(theta, theta_start, cost_start, cost, start_correction, first.events, first.tracks, passes,
+                        time.perf_counter() - t_start, records)
+
+
+# ------------------------------------------------------------------------------------------------
+# A run directory of the alignment workers (``streamcal its refine``)
+
+REFINE_JSON = "refine.json"
+
+
+class SpoolTracks:
+    """The tracks a run's alignment workers spooled (``RUN_DIR/spool/*.arrows``, Arrow IPC streams
+    of schema ``its.hits``) as a data callable for :func:`refine`: every call reads the files again
+    and yields one packed :class:`TrackBatch` per spooled batch (``pack_tracks`` with ``min_hits``,
+    the vertex columns for ``with_vertex``), so memory holds one batch at a time.
+
+    The files' batches are merged in the order of their first event id (the workers partition the
+    events in blocks), so ``events`` keeps the first ``events`` events of the run (all without
+    it). A file whose tail is damaged (a killed worker) is read up to it.
+
+    Attributes (after a pass): ``info`` (files, batches, damaged files, events read) and
+    ``rejects`` (``RejectCounts`` of the packing).
+    """
+
+    def __init__(self, spool_dir: str | os.PathLike[str], geom: ITSGeometry, *, events: int | None = None,
+                 min_hits: int = 4, with_vertex: bool = True, log: Callable[[str], None] | None = None) -> None:
+        from streamcal.detectors.its.evaluation import RunFormatError
+        from streamcal.detectors.its.mille_export import _spool_key
+
+        self.spool_dir = Path(spool_dir)
+        if not self.spool_dir.is_dir():
+            raise RunFormatError(self.spool_dir, "missing (the alignment workers spool their hit batches there "
+                                                 "as *.arrows)")
+        self.files = sorted(self.spool_dir.glob("*.arrows"), key=_spool_key)
+        if not self.files:
+            raise RunFormatError(self.spool_dir, "no spool files (*.arrows, Arrow IPC streams of schema its.hits)")
+        if events is not None and not (isinstance(events, int) and not isinstance(events, bool) and events >= 1):
+            raise ValueError(f"SpoolTracks: events must be a positive integer or None, got {events!r}")
+        self.geom = geom
+        self.events = events
+        self.min_hits = min_hits
+        self.with_vertex = with_vertex
+        self.log = log
+        self.info: dict[str, Any] = {}
+        self.rejects = RejectCounts()
+        self._warned: set[str] = set()
+
+    def __call__(self) -> Iterator[TrackBatch]:
+        import heapq
+
+        import pyarrow as pa
+
+        from streamcal.detectors.its.evaluation import RunFormatError
+
+        handles = [pa.OSFile(str(p), "rb") for p in self.files]
+        damaged: list[str] = []
+        rejects = RejectCounts()
+        n_batches = 0
+        taken = 0
+        try:
+            readers: list[Any] = []
+            for path, fh in zip(self.files, handles):
+                try:
+                    readers.append(pa.ipc.open_stream(fh))
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise RunFormatError(path, f"not an Arrow IPC stream: {exc}") from exc
+            heap: list[tuple[int, int, Any]] = []
+
+            def push(i: int) -> None:
+                try:
+                    b = readers[i].read_next_batch()
+                except StopIteration:
+                    return
+                except (pa.ArrowInvalid, OSError) as exc:
+                    name = self.files[i].name
+                    damaged.append(name)
+                    if self.log is not None and name not in self._warned:
+                        self.log(f"spool {name}: read up to a damaged tail ({exc})")
+                        self._warned.add(name)
+                    return
+                ev = b.column("event").to_numpy() if "event" in b.schema.names else np.zeros(0, np.int64)
+                heapq.heappush(heap, (int(ev.min()) if ev.size else -1, i, b))
+
+            for i in range(len(readers)):
+                push(i)
+            while heap and (self.events is None or taken < self.events):
+                _, i, batch = heapq.heappop(heap)
+                push(i)
+                n_batches += 1
+                ev = np.asarray(batch.column("event").to_numpy(zero_copy_only=False))
+                uniq = np.unique(ev)
+                if self.events is not None and uniq.size > self.events - taken:
+                    uniq = uniq[: self.events - taken]
+                    batch = batch.filter(pa.array(np.isin(ev, uniq)))
+                taken += int(uniq.size)
+                try:
+                    tb, cnt = pack_tracks(batch, self.geom, min_hits=self.min_hits, with_vertex=self.with_vertex)
+                except ValueError as exc:
+                    raise RunFormatError(self.files[i], str(exc)) from exc
+                rejects = rejects + cnt
+                if tb.n_tracks:
+                    yield tb
+        finally:
+            for fh in handles:
+                fh.close()
+        self.rejects = rejects
+        self.info = {"files": [p.name for p in self.files], "batches": n_batches, "damaged": sorted(set(damaged)),
+                     "events": taken}
+
+
+def _metrics_rows(result: RefineResult, events: int) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` records (``evaluation.read_metrics``): an end-of-epoch record per
+    Gauss-Newton iteration (epoch 0: the start) with the measured cost and ``events``, and a
+    synchronisation record per CG iteration with the cost the linearised problem predicts."""
+    rows: list[dict[str, Any]] = [{"epoch": 0, "epoch_cost": result.cost_start, "events": events, "time_s": 0.0,
+                                   "kind": "start"}]
+    sync = 0
+    for g in result.gn:
+        for c in g.cg:
+            sync += 1
+            rows.append({"epoch": g.iteration, "sync": sync, "step": c.iteration,
+                         "cost": g.cost_before + c.predicted_change, "tracks": result.tracks, "time_s": c.time_s,
+                         "kind": "cg", "predicted": True, "relative_residual": c.relative_residual})
+        rows.append({"epoch": g.iteration, "epoch_cost": g.cost_after, "events": events, "time_s": g.time_s,
+                     "kind": "gauss-newton", "predicted_change": g.predicted_change,
+                     "cg_iterations": g.cg_iterations})
+    return rows
+
+
+def refine_run(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    events: int | None = None,
+    gn_iterations: int = 2,
+    cg_iterations: int = 100,
+    tol: float = 1e-4,
+    min_hits: int = 4,
+    min_sensor_hits: int = 10,
+    layers: Sequence[int] | None = None,
+    cache_mb: float = 0.0,
+    cache_precision: str = "float64",
+    chunk_tracks: int = 4096,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`refine` on a run directory of the alignment workers (``streamcal its refine``).
+
+    Reads ``run_dir/run.json`` (geometry, cost, constraints), starts from ``run_dir/theta.npy``,
+    streams the spooled tracks (:class:`SpoolTracks`; the first ``events`` events) and writes
+    ``out_dir`` as a run directory that ``streamcal evaluate align`` reads: ``run.json`` (the
+    run's, one worker, ``epochs`` = Gauss-Newton iterations), ``theta.npy`` (refined),
+    ``theta_true.npy`` (copied), ``metrics.jsonl`` (:func:`_metrics_rows`, written as the CG
+    iterations go) and ``refine.json`` (the per-iteration record, seconds per pass, the spool and
+    the packing's rejects). Returns the content of ``refine.json``.
+
+    Raises:
+        RunFormatError: (a ``StreamcalError``) naming the file or directory that is missing or
+            malformed.
+    """
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from streamcal.detectors.its.evaluation import (
+        METRICS_JSONL,
+        THETA_NPY,
+        THETA_TRUE_NPY,
+        RunFormatError,
+        _load_theta,
+        load_run_config,
+        write_run_json,
+    )
+    from streamcal.detectors.its.geometry import build_geometry
+    from streamcal.detectors.its.mille_export import SPOOL_DIR
+
+    rd, out = Path(run_dir), Path(out_dir)
+    if not rd.is_dir():
+        raise RunFormatError(rd, "not a directory (expected a run directory of the alignment workers)")
+    if out.resolve() == rd.resolve():
+        raise ValueError(f"refine_run: out_dir must differ from run_dir ({rd}): the run's files are kept")
+    rc = load_run_config(rd)
+    geom = build_geometry(rc.geometry)
+    theta0 = _load_theta(rd / THETA_NPY, geom.n_sensors)
+    _load_theta(rd / THETA_TRUE_NPY, geom.n_sensors)  # checked before the work
+    model = ITSAlignmentModel.from_geometry(geom, replace(rc.model, precision="float64"))
+    model.set_theta(torch.from_numpy(theta0))
+    constraints = rc.constraints.build(geom)
+    solve = None
+    if layers is not None:
+        bad = [x for x in layers if not (isinstance(x, int) and 0 <= x < geom.n_layers)]
+        if bad or not layers:
+            raise ValueError(f"refine_run: layers must be layer indices in 0..{geom.n_layers - 1}, got {list(layers)}")
+        solve = np.flatnonzero(np.isin(geom.layer, np.asarray(layers, dtype=np.int64)))
+    tracks = SpoolTracks(rd / SPOOL_DIR, geom, events=events, min_hits=min_hits,
+                         with_vertex=rc.model.vertex == "given", log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_json(out, replace(rc, workers=1, tau=1, epochs=gn_iterations))
+    shutil.copyfile(rd / THETA_TRUE_NPY, out / THETA_TRUE_NPY)
+    metrics = out / METRICS_JSONL
+    metrics.write_text("")
+    with metrics.open("a") as mf:
+        def on_iteration(c: CGRecord) -> None:
+            mf.write(json.dumps({"epoch": c.gn, "cg": c.iteration, "predicted_change": c.predicted_change,
+                                 "relative_residual": c.relative_residual, "time_s": c.time_s,
+                                 "kind": "cg-progress"}) + "\n")
+            mf.flush()
+
+        result = refine(model, tracks, constraints, gn_iterations=gn_iterations, cg_iterations=cg_iterations,
+                        tol=tol, chunk_tracks=chunk_tracks, cache_mb=cache_mb, cache_precision=cache_precision,
+                        min_sensor_hits=min_sensor_hits, sensors=solve, progress=progress, log=log,
+                        on_iteration=on_iteration)
+    n_events = int(tracks.info.get("events", 0))
+    metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in _metrics_rows(result, n_events)))
+    np.save(out / THETA_NPY, result.theta.numpy())
+    cg_s = [c.pass_s for g in result.gn for c in g.cg]
+    summary = {
+        "source_run": str(rd), "method": "Gauss-Newton, projected preconditioned conjugate gradients (matrix-free)",
+        "options": {"events": events, "gn_iterations": gn_iterations, "cg_iterations": cg_iterations, "tol": tol,
+                    "min_hits": min_hits, "min_sensor_hits": min_sensor_hits,
+                    "layers": None if layers is None else list(layers), "cache_mb": cache_mb,
+                    "cache_precision": cache_precision,
+                    "chunk_tracks": chunk_tracks, "threads": torch.get_num_threads()},
+        "constraints": {"modes": list(rc.constraints.modes), "fixed_layers": list(rc.constraints.fixed_layers)},
+        "spool": tracks.info, "rejects": asdict(tracks.rejects),
+        "seconds_per_pass": {"system": [g.system_s for g in result.gn],
+                             "cg_median": float(np.median(cg_s)) if cg_s else None,
+                             "cg_first": cg_s[0] if cg_s else None},
+        **result.to_dict(),
+    }
+    (out / REFINE_JSON).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary

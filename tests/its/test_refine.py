@@ -1,0 +1,337 @@
+"""Global Gauss-Newton refinement (matrix-free projected preconditioned CG) against the sparse
+normal equations and the sparse reference solution of ``align``.
+
+* ``H p`` of :func:`gn_matvec` equals ``normal_equations(...).hessian @ p`` to 1e-10 (listed
+  batches, streamed batches, small chunks, float32 cache to 1e-6); the blocks of
+  :func:`gn_system` are the sparse matrix's diagonal blocks, its cost and gradient those of
+  ``normal_equations`` (also with a track that has two hits on one sensor).
+* :func:`refine` reaches ``reference_solution``'s Theta and cost with the same constraints (fixed
+  reference layers; weak-mode constraints rz, curl, telescope; rz with a few fixed sensors), from
+  Theta = 0 and from a start off the constraint surface; the constraints hold exactly afterwards
+  and sensors without hits keep their value.
+
+Geometry: the compact five-layer barrel of ``test_align.py`` (200 chips). Tracks: |eta| < 0.4,
+beam spot 15 um x 10 mm, no multiple scattering, the true vertex. CPU, float64, one thread."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from streamcal.detectors.its.align import Constraints, normal_equations, pack_tracks, reference_solution, total_cost
+from streamcal.detectors.its.geometry import ITS2_LAYERS, ITSGeometryConfig, LayerSpec, build_geometry
+from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, misalign
+from streamcal.detectors.its.refine import gn_block_diagonal, gn_matvec, gn_system, refine
+from streamcal.detectors.its.simulation import SimulationConfig, simulate_batch
+from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel, TrackBatch
+
+SIM = dict(beam_spot_sigma=(0.015, 0.015, 10.0), eta_max=0.4, pt_min=0.3, pt_max=5.0, multiple_scattering=False)
+COST = ITSAlignmentConfig(multiple_scattering=False)
+MISALIGN = MisalignmentConfig(sigma_rot=(1e-4, 1e-4, 1e-4), sigma_trans=(0.02, 0.02, 0.02), seed=5)
+# typical Theta sizes: rotations ~1e-4 rad, shifts ~2e-2 mm
+THETA_SCALE = np.array([1e-4] * 3 + [2e-2] * 3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def geom_config():
+    ib = [LayerSpec(lay.n_staves, 1, 2, lay.r_min, lay.x_x0) for lay in ITS2_LAYERS[:3]]
+    extra = [LayerSpec(24, 1, 2, 46.0, 0.0035), LayerSpec(28, 1, 2, 54.0, 0.0035)]
+    return ITSGeometryConfig(layers=tuple(ib + extra))
+
+
+@pytest.fixture(scope="module")
+def geom(geom_config):
+    return build_geometry(geom_config)
+
+
+@pytest.fixture(scope="module")
+def fixed(geom):
+    return np.nonzero((geom.layer == 0) | (geom.layer == geom.n_layers - 1))[0]
+
+
+@pytest.fixture(scope="module")
+def truth(geom):
+    return misalign(geom, MISALIGN)
+
+
+def _hits(geom, truth, n_events: int, seed: int) -> pa.RecordBatch:
+    return simulate_batch(geom, SimulationConfig(seed=seed, **SIM), n_events, placement=apply_alignment(geom, truth))
+
+
+@pytest.fixture(scope="module")
+def sample(geom, truth):
+    """400 events (~3100 tracks) in 3 unequal partitions."""
+    hits = _hits(geom, truth, 400, seed=11)
+    ev = hits.column("event").to_numpy()
+    out = []
+    for lo, hi in ((0, 90), (90, 250), (250, 400)):
+        out.append(pack_tracks(hits.take(pa.array(np.nonzero((ev >= lo) & (ev < hi))[0])), geom)[0])
+    return out
+
+
+def _model(geom, theta: np.ndarray | None = None) -> ITSAlignmentModel:
+    model = ITSAlignmentModel.from_geometry(geom, COST)
+    if theta is not None:
+        model.set_theta(torch.from_numpy(np.asarray(theta, dtype=np.float64)))
+    return model
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _diag_blocks(hessian, n: int) -> np.ndarray:
+    return hessian.toarray().reshape(n, 6, n, 6)[np.arange(n), :, np.arange(n), :]
+
+
+# ------------------------------------------------------------------------------------------------
+# H p, gradient, diagonal blocks
+
+
+def test_matvec_equals_the_sparse_normal_matrix(geom, truth, sample):
+    """At a misaligned Theta, for random directions with the typical sizes of Theta: listed
+    batches (cached linearisation), streamed batches (recomputed every pass), small chunks and a
+    flat (6N,) vector all give the sparse matrix's product to 1e-10 relative; a float32 cache to
+    1e-6."""
+    model = _model(geom, 0.5 * truth)
+    ne = normal_equations(model, sample, covariance=False)
+    n = geom.n_sensors
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        p = rng.standard_normal((n, 6)) * THETA_SCALE
+        ref = (ne.hessian @ p.reshape(-1)).reshape(n, 6)
+        assert _rel(gn_matvec(model, sample, p).numpy(), ref) < 1e-10
+    assert _rel(gn_matvec(model, lambda: iter(sample), torch.from_numpy(p), chunk_tracks=300).numpy(), ref) < 1e-10
+    assert _rel(gn_matvec(model, sample, p.reshape(-1)).numpy(), ref) < 1e-10
+    # the per-sensor rows: every row of H p, not only the largest, matches
+    hp = gn_matvec(model, sample[1], p).numpy()
+    ref1 = (normal_equations(model, sample[1], covariance=False).hessian @ p.reshape(-1)).reshape(n, 6)
+    scale = np.abs(ref1).max(0)
+    assert np.all(np.abs(hp - ref1) <= 1e-10 * scale)
+    # float32 cache inside refine's source
+    from streamcal.detectors.its.refine import _matvec, _Source
+
+    src = _Source(model, sample, "test", chunk_tracks=4096, cache_mb=None, cache_precision="float32")
+    _matvec(src, torch.from_numpy(p))  # fills the cache
+    assert src.cached_bytes > 0
+    assert _rel(_matvec(src, torch.from_numpy(p))[0].numpy(), ref) < 1e-6
+
+
+def test_system_matches_normal_equations(geom, truth, sample):
+    """Cost, gradient and the sensors' diagonal 6 x 6 blocks equal ``normal_equations``' (to
+    1e-10 of the largest entry per DoF pair), hits are counted per sensor; a track with a second hit
+    on one of its sensors adds the pair's cross terms to that sensor's block."""
+    model = _model(geom, 0.3 * truth)
+    ne = normal_equations(model, sample, covariance=False)
+    n = geom.n_sensors
+    sysm = gn_system(model, sample)
+    assert abs(sysm.cost - ne.cost) < 1e-12 * ne.cost
+    assert _rel(sysm.grad.reshape(-1).numpy(), ne.grad) < 1e-10
+    ref = _diag_blocks(ne.hessian, n)
+    scale = np.abs(ref).max(0)
+    assert np.all(np.abs(sysm.blocks.numpy() - ref) <= 1e-10 * scale)
+    assert _rel(gn_block_diagonal(model, sample).numpy(), ref) < 1e-10
+    hits = sum(np.bincount(b.sensor[b.mask].numpy(), minlength=n) for b in sample)
+    np.testing.assert_array_equal(sysm.hits.numpy(), hits)
+    assert sysm.events == sum(b.n_events for b in sample) and sysm.tracks == sum(b.n_tracks for b in sample)
+    # a second hit of a track on its first sensor (pack_tracks would reject it; the algebra holds)
+    b = sample[0]
+    nh = b.mask.sum(1)
+    t = int(torch.nonzero(nh < b.mask.shape[1])[0, 0])
+    k = int(nh[t])
+    sensor, local, mask = b.sensor.clone(), b.local.clone(), b.mask.clone()
+    sensor[t, k], mask[t, k] = sensor[t, 0], True
+    local[t, k] = local[t, 0] + torch.tensor([0.3, -0.5], dtype=local.dtype)
+    dup = TrackBatch(sensor, local, mask, b.event, b.n_events, b.vertex)
+    ne_dup = normal_equations(model, [dup], covariance=False)
+    ref_dup = _diag_blocks(ne_dup.hessian, n)
+    got = gn_system(model, [dup]).blocks.numpy()
+    assert np.all(np.abs(got - ref_dup) <= 1e-10 * np.abs(ref_dup).max(0))
+    s = int(sensor[t, 0])
+    assert np.abs(ref_dup[s] - _diag_blocks(normal_equations(model, [b], covariance=False).hessian, n)[s]).max() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# refine against the reference solution
+
+
+CONSTRAINT_CASES = {
+    "fixed_layers": lambda geom, fixed: Constraints.build(geom, fixed=fixed),
+    "modes": lambda geom, fixed: Constraints.build(geom, modes=("rz", "curl", "telescope")),
+    "rz_and_fixed_sensors": lambda geom, fixed: Constraints.build(geom, modes=("rz",), fixed=fixed[:10]),
+}
+
+
+@pytest.fixture(scope="module")
+def references(geom, sample, truth, fixed):
+    """Per constraint case and start: the constraints, the start and ``reference_solution``'s
+    result from it (three Gauss-Newton iterations, as refine below: the same linearisation
+    points, so the two agree to the CG tolerance although three iterations are not the converged
+    minimum of this non-linear problem from a perturbed start)."""
+    rng = np.random.default_rng(7)
+    starts = {"zero": None, "perturbed": truth + rng.standard_normal(truth.shape) * THETA_SCALE}
+    out = {}
+    for name, build in CONSTRAINT_CASES.items():
+        cons = build(geom, fixed)
+        for start, theta0 in starts.items():
+            ref = reference_solution(_model(geom, theta0), sample, cons, n_iter=3, covariance=False)
+            out[name, start] = (cons, theta0, ref)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CONSTRAINT_CASES))
+@pytest.mark.parametrize("start", ["zero", "perturbed"])
+def test_refine_reaches_the_reference_solution(geom, sample, references, case, start):
+    """Three Gauss-Newton iterations with CG to 1e-10 reach the sparse KKT solution: Theta within
+    1e-5 of its typical size per DoF (0.2 nm, 1e-9 rad; measured up to 6e-6 where the weak modes
+    are least constrained, rz with ten fixed chips), C within 1e-11 relative. The perturbed
+    start (the truth plus noise of its own size) is off the constraint surface and is put on it
+    first, as ``reference_solution`` does."""
+    cons, theta0, ref = references[case, start]
+    model = _model(geom, theta0)
+    res = refine(model, sample, cons, gn_iterations=3, cg_iterations=1500, tol=1e-10, progress=False)
+    fit, want = res.theta.numpy(), ref.theta.numpy()
+    assert np.all(np.abs(fit - want).max(0) < 1e-5 * THETA_SCALE), np.abs(fit - want).max(0)
+    assert abs(res.cost - ref.cost) < 1e-11 * ref.cost
+    assert abs(total_cost(model, sample) - res.cost) < 1e-12 * res.cost  # the model holds the result
+    assert res.cost <= res.cost_start
+    if start == "perturbed":
+        assert res.start_correction > 0
+    # the record: one H p pass per CG iteration, predicted changes close to the actual ones
+    g1 = res.gn[0]
+    assert g1.cg_iterations == len(g1.cg) >= 5 and g1.step_scale == 1.0
+    assert abs(g1.cost_after - g1.cost_before - g1.predicted_change) < 0.05 * abs(g1.predicted_change)
+    pred = [c.predicted_change for c in g1.cg]
+    assert pred[0] < 0 and all(b <= a + 1e-12 * abs(a) for a, b in zip(pred, pred[1:]))
+    assert res.passes == sum(1 + len(g.cg) + 1 for g in res.gn)
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+def test_constraints_hold_exactly_and_unhit_sensors_keep_their_value(geom, sample, fixed):
+    """After refine: the fixed sensors are exactly 0, ``Q^T Theta`` is 0 to rounding, and sensors
+    without hits, or with fewer than ``min_sensor_hits``, keep their (projected) start value when
+    only a few tracks reach the detector (the system is then singular along those sensors)."""
+    b = sample[0]
+    few = TrackBatch(b.sensor[:400], b.local[:400], b.mask[:400], b.event[:400], b.n_events, b.vertex)
+    counts = np.bincount(few.sensor[few.mask].numpy(), minlength=geom.n_sensors)
+    hit = counts >= 10
+    assert ((counts > 0) & ~hit).any() and hit.sum() > 20
+    rng = np.random.default_rng(2)
+    start = rng.standard_normal((geom.n_sensors, 6)) * THETA_SCALE
+    for cons in (Constraints.build(geom, fixed=fixed), Constraints.build(geom, modes=("rz", "curl"), fixed=fixed[:5])):
+        model = _model(geom, start)
+        res = refine(model, [few], cons, gn_iterations=2, cg_iterations=300, tol=1e-8, progress=False)
+        th = res.theta.numpy()
+        free = cons.free[:, 0].numpy() > 0
+        assert np.all(th[~free] == 0.0)
+        q = cons.q.numpy()
+        if q.shape[1]:
+            assert np.abs(q.T @ th.reshape(-1)).max() < 1e-14 * np.abs(th).max()
+        unhit = free & ~hit
+        np.testing.assert_array_equal(th[unhit], res.theta_start.numpy()[unhit])
+        assert res.cost < res.cost_start
+        assert res.gn[0].active_sensors == int((free & hit).sum())
+
+
+def test_solving_for_some_sensors_holds_the_others(geom, sample, fixed, references):
+    """``sensors``: the others keep their value and act as fixed ones: solving for the middle
+    layers under the weak-mode constraints equals the reference solution with the outer layers
+    fixed and those constraints."""
+    cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
+    middle = np.flatnonzero(~np.isin(np.arange(geom.n_sensors), fixed))
+    res = refine(_model(geom), sample, cons, sensors=middle, gn_iterations=3, cg_iterations=500, tol=1e-10,
+                 progress=False)
+    ref = reference_solution(_model(geom), sample, Constraints.build(geom, modes=("rz", "curl", "telescope"),
+                                                                     fixed=fixed), n_iter=3, covariance=False)
+    assert np.all(res.theta.numpy()[fixed] == 0.0)
+    assert np.all(np.abs(res.theta.numpy() - ref.theta.numpy()).max(0) < 1e-5 * THETA_SCALE)
+    with pytest.raises(ValueError, match="sensors must be a 1-d array of sensor ids in 0..199"):
+        refine(_model(geom), sample, cons, sensors=[0, 200], progress=False)
+
+
+def test_streamed_data_give_the_listed_result(geom, sample, references):
+    """A data callable (one call per pass, nothing kept; or a partial cache) gives the listed
+    batches' result; a callable that yields other tracks on a later call is an error."""
+    cons = references["fixed_layers", "zero"][0]
+    kw = dict(gn_iterations=2, cg_iterations=200, tol=1e-9, progress=False)
+    listed = refine(_model(geom), sample, cons, **kw)
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return iter(sample)
+
+    streamed = refine(_model(geom), factory, cons, **kw)
+    assert len(calls) == streamed.passes
+    np.testing.assert_allclose(streamed.theta.numpy(), listed.theta.numpy(), rtol=0, atol=1e-12)
+    partial = refine(_model(geom), factory, cons, cache_mb=1.0, **kw)
+    np.testing.assert_allclose(partial.theta.numpy(), listed.theta.numpy(), rtol=0, atol=1e-12)
+    assert partial.passes == listed.passes
+
+    state = {"n": 0}
+
+    def shrinking():
+        state["n"] += 1
+        return iter(sample if state["n"] == 1 else sample[:2])
+
+    with pytest.raises(ValueError, match="data changed between passes"):
+        refine(_model(geom), shrinking, cons, **kw)
+
+
+def test_bad_inputs_name_what_was_wrong(geom, sample, fixed):
+    cons = Constraints.build(geom, fixed=fixed)
+    model = _model(geom)
+    n = geom.n_sensors
+    with pytest.raises(ValueError, match="model must be an ITSAlignmentModel"):
+        refine(object(), sample, cons)
+    f32 = ITSAlignmentModel.from_geometry(geom, replace(COST, precision="float32"))
+    with pytest.raises(ValueError, match="precision must be 'float64'"):
+        refine(f32, sample, cons)
+    small = build_geometry(ITSGeometryConfig.small(n_layers=1))
+    with pytest.raises(ValueError, match=f"constraints must be a Constraints for the model's {n} sensors"):
+        refine(model, sample, Constraints.build(small))
+    for kw, msg in ((dict(gn_iterations=0), "gn_iterations must be an integer >= 1"),
+                    (dict(cg_iterations=1.5), "cg_iterations must be an integer >= 1"),
+                    (dict(tol=-1.0), "tol must be a number in"),
+                    (dict(chunk_tracks=0), "chunk_tracks must be an integer >= 1"),
+                    (dict(cache_mb=-1), "cache_mb must be a finite number >= 0"),
+                    (dict(cache_precision="float16"), "cache_precision must be 'float64' or 'float32'")):
+        with pytest.raises(ValueError, match=msg):
+            refine(model, sample, cons, progress=False, **kw)
+    with pytest.raises(ValueError, match="at least one TrackBatch"):
+        refine(model, [], cons)
+    with pytest.raises(ValueError, match=r"data\[1\] must be a TrackBatch, got str"):
+        refine(model, [sample[0], "hits"], cons)
+    with pytest.raises(ValueError, match="data must be a TrackBatch, a list"):
+        refine(model, 42, cons)
+    with pytest.raises(ValueError, match="yielded a dict as item 1"):
+        refine(model, lambda: iter([sample[0], {}]), cons, progress=False)
+    with pytest.raises(ValueError, match="must return an iterable of TrackBatch, got NoneType"):
+        refine(model, lambda: None, cons, progress=False)
+    b = sample[0]
+    bad = TrackBatch(b.sensor.clone(), b.local, b.mask, b.event, b.n_events, b.vertex)
+    bad.sensor[0, 0] = n + 3
+    with pytest.raises(ValueError, match="sensor ids must be in"):
+        refine(model, [bad], cons, progress=False)
+    with pytest.raises(ValueError, match=r"p must have shape \(200, 6\) or \(1200,\), got \(200, 5\)"):
+        gn_matvec(model, sample, np.zeros((n, 5)))
+    with pytest.raises(ValueError, match="p must be finite"):
+        gn_matvec(model, sample, np.full((n, 6), np.nan))
+    with pytest.raises(ValueError, match="precision must be 'float64'"):
+        gn_system(f32, sample)
+    no_ndf = TrackBatch(b.sensor[:0], b.local[:0], b.mask[:0], b.event[:0], 1, b.vertex[:1])
+    with pytest.raises(ValueError, match="no event with positive degrees of freedom"):
+        gn_system(model, [no_ndf])
