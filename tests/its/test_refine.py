@@ -9,6 +9,8 @@ normal equations and the sparse reference solution of ``align``.
   reference layers; weak-mode constraints rz, curl, telescope; rz with a few fixed sensors), from
   Theta = 0 and from a start off the constraint surface; the constraints hold exactly afterwards
   and sensors without hits keep their value.
+* ``streamcal its refine`` on a run directory written here: the output is a run directory that
+  ``evaluation.load_run`` reads, with the refined Theta, the cost history and ``refine.json``.
 
 Geometry: the compact five-layer barrel of ``test_align.py`` (200 chips). Tracks: |eta| < 0.4,
 beam spot 15 um x 10 mm, no multiple scattering, the true vertex. CPU, float64, one thread."""
@@ -23,10 +25,25 @@ import pyarrow as pa
 import pytest
 import torch
 
+from streamcal.cli import main
 from streamcal.detectors.its.align import Constraints, normal_equations, pack_tracks, reference_solution, total_cost
+from streamcal.detectors.its.evaluation import (
+    ConstraintSpec,
+    RunConfig,
+    _training_events,
+    load_run,
+    write_run_json,
+)
 from streamcal.detectors.its.geometry import ITS2_LAYERS, ITSGeometryConfig, LayerSpec, build_geometry
 from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, misalign
-from streamcal.detectors.its.refine import gn_block_diagonal, gn_matvec, gn_system, refine
+from streamcal.detectors.its.refine import (
+    REFINE_JSON,
+    SpoolTracks,
+    gn_block_diagonal,
+    gn_matvec,
+    gn_system,
+    refine,
+)
 from streamcal.detectors.its.simulation import SimulationConfig, simulate_batch
 from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel, TrackBatch
 
@@ -335,3 +352,111 @@ def test_bad_inputs_name_what_was_wrong(geom, sample, fixed):
     no_ndf = TrackBatch(b.sensor[:0], b.local[:0], b.mask[:0], b.event[:0], 1, b.vertex[:1])
     with pytest.raises(ValueError, match="no event with positive degrees of freedom"):
         gn_system(model, [no_ndf])
+
+
+# ------------------------------------------------------------------------------------------------
+# streamcal its refine
+
+
+def _write_spool(path, batches: list[pa.RecordBatch]) -> None:
+    with pa.ipc.new_stream(str(path), batches[0].schema) as writer:
+        for b in batches:
+            writer.write_batch(b)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, geom_config, geom, truth, fixed):
+    """A run directory as the workers leave it: two workers' spool files, events in blocks of 100
+    alternating between them, and a Theta part of the way to the truth."""
+    rd = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(geometry=geom_config, misalignment=MISALIGN, simulation=SimulationConfig(seed=1, **SIM),
+                    model=COST, constraints=ConstraintSpec(modes=("rz",), fixed_layers=(0,)), workers=2, tau=5,
+                    epochs=3)
+    write_run_json(rd, cfg)
+    th = truth.copy()
+    th[geom.layer == 0] = 0.0
+    np.save(rd / "theta_true.npy", truth)
+    np.save(rd / "theta.npy", 0.7 * th)
+    (rd / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "epoch_cost": 1.0, "events": 400, "time_s": 1.0}) + "\n")
+    hits = _hits(geom, truth, 400, seed=21)
+    ev = hits.column("event").to_numpy()
+    blocks = [hits.take(pa.array(np.nonzero((ev >= lo) & (ev < lo + 100))[0])) for lo in range(0, 400, 100)]
+    (rd / "spool").mkdir()
+    _write_spool(rd / "spool" / "align-0.0.arrows", [blocks[0], blocks[2]])
+    _write_spool(rd / "spool" / "align-1.0.arrows", [blocks[1], blocks[3]])
+    return rd, cfg, hits
+
+
+def test_cli_refine_writes_a_run_directory(tmp_path, capsys, geom, run_dir):
+    rd, cfg, hits = run_dir
+    out = tmp_path / "refined"
+    rc = main(["its", "refine", "--run", str(rd), "--out", str(out), "--events", "250", "--gn-iterations", "2",
+               "--cg-iterations", "40", "--tol", "1e-8", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "cost " in text and "seconds per pass" in text
+    run = load_run(out)
+    assert run.config.geometry == cfg.geometry and run.config.constraints == cfg.constraints
+    assert run.config.epochs == 2 and run.config.workers == 1
+    np.testing.assert_array_equal(run.theta_true, np.load(rd / "theta_true.npy"))
+    summary = json.loads((out / REFINE_JSON).read_text())
+    assert summary["spool"]["events"] == 250 and summary["spool"]["batches"] == 3
+    assert summary["events"] == 250 and summary["cost"] < summary["cost_start"]
+    # the first 250 events in event order (two blocks of worker 0, one of worker 1), packed
+    ev = hits.column("event").to_numpy()
+    first = pack_tracks(hits.take(pa.array(np.nonzero(ev < 250)[0])), geom)[0]
+    assert summary["tracks"] == first.n_tracks
+    # the same result as refine on those tracks from the run's Theta
+    model = _model(geom, np.load(rd / "theta.npy"))
+    direct = refine(model, [first], cfg.constraints.build(geom), gn_iterations=2, cg_iterations=40, tol=1e-8,
+                    progress=False)
+    np.testing.assert_allclose(run.theta, direct.theta.numpy(), rtol=0, atol=1e-9 * np.abs(run.theta).max())
+    assert abs(summary["cost"] - direct.cost) < 1e-9 * direct.cost
+    # metrics: an end-of-epoch record per Gauss-Newton iteration and the start, a sync record per CG iteration
+    m = run.metrics
+    assert m.epoch.tolist() == [0, 1, 2] and m.epoch_cost[0] == summary["cost_start"]
+    assert m.epoch_cost[-1] == summary["cost"]
+    assert m.sync_cost.size == sum(g["cg_iterations"] for g in summary["gn"])
+    assert _training_events(out) == 250
+    # --layers: the other layers keep the run's Theta
+    rc = main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "layers"), "--events", "250",
+               "--layers", "1", "2", "--cg-iterations", "20", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    held = ~np.isin(geom.layer, [1, 2])
+    q = cfg.constraints.build(geom).q.numpy()
+    start = np.load(rd / "theta.npy").reshape(-1)
+    start = (start - q @ (q.T @ start)).reshape(-1, 6)  # the start on the constraint surface (rz)
+    start[geom.layer == 0] = 0.0
+    part = np.load(tmp_path / "layers" / "theta.npy")
+    np.testing.assert_allclose(part[held], start[held], rtol=0, atol=1e-15)
+    assert np.abs(part[~held] - start[~held]).max() > 0
+    assert json.loads((tmp_path / "layers" / REFINE_JSON).read_text())["options"]["layers"] == [1, 2]
+    # the output is not the input
+    assert main(["its", "refine", "--run", str(rd), "--out", str(rd)]) == 2
+    assert "out_dir must differ" in capsys.readouterr().err
+
+
+def test_cli_refine_errors_name_the_path(tmp_path, capsys, run_dir, geom):
+    rd, cfg, _ = run_dir
+    missing = tmp_path / "missing"
+    assert main(["its", "refine", "--run", str(missing), "--out", str(tmp_path / "o")]) == 1
+    assert str(missing) in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    write_run_json(bare, cfg)
+    assert main(["its", "refine", "--run", str(bare), "--out", str(tmp_path / "o")]) == 1
+    assert str(bare / "theta.npy") in capsys.readouterr().err
+    np.save(bare / "theta.npy", np.zeros((geom.n_sensors, 6)))
+    np.save(bare / "theta_true.npy", np.zeros((geom.n_sensors, 5)))
+    assert main(["its", "refine", "--run", str(bare), "--out", str(tmp_path / "o")]) == 1
+    assert str(bare / "theta_true.npy") in capsys.readouterr().err
+    np.save(bare / "theta_true.npy", np.zeros((geom.n_sensors, 6)))
+    assert main(["its", "refine", "--run", str(bare), "--out", str(tmp_path / "o")]) == 1
+    assert str(bare / "spool") in capsys.readouterr().err
+    (bare / "spool").mkdir()
+    assert main(["its", "refine", "--run", str(bare), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert str(bare / "spool") in err and "no spool files" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="events must be a positive integer"):
+        SpoolTracks(rd / "spool", geom, events=0)

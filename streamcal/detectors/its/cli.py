@@ -1,9 +1,14 @@
-"""ITS2 alignment commands: ``streamcal evaluate align`` and ``streamcal its export-mille``.
+"""ITS2 alignment commands: ``streamcal evaluate align``, ``streamcal its export-mille`` and
+``streamcal its refine``.
 
     streamcal evaluate align --run RUN_DIR [--compare RUN_DIR2 ...] --report OUT_DIR
                              [--events N] [--seed S] [--pt-spectrum run|uniform] [--min-sensor-hits N]
     streamcal its export-mille --run RUN_DIR --out OUT_DIR [--at zero|fitted] [--min-hits N]
                              [--normalisation cost|chi2] [--double] [--method M] [--min-entries N]
+    streamcal its refine --run RUN_DIR --out OUT_DIR [--events N] [--gn-iterations G]
+                             [--cg-iterations K] [--tol T] [--cache-mb MB] [--cache-precision P]
+                             [--threads N] [--min-hits N] [--min-sensor-hits N] [--layers L ...]
+                             [--no-progress]
 
 Writes ``OUT_DIR/summary.json`` and the PNG figures of
 :mod:`streamcal.detectors.its.evaluation` (residual misalignment per layer, DCA_xy vs pT,
@@ -19,6 +24,11 @@ never calls ``sys.exit``.
 ``its export-mille`` writes ``OUT_DIR/mp2data.bin`` (Millepede-II records of the run's spooled
 tracks), ``OUT_DIR/steer.txt`` (the ``pede`` steering file: fixed layers, constrained modes),
 ``OUT_DIR/theta0.npy`` and ``OUT_DIR/summary.json`` (:mod:`streamcal.detectors.its.mille_export`).
+
+``its refine`` continues a run with global Gauss-Newton steps solved by matrix-free projected
+preconditioned conjugate gradients (:mod:`streamcal.detectors.its.refine`): from the run's
+``theta.npy``, with its constraints and cost, on its spooled tracks, and writes ``OUT_DIR`` as a
+run directory for ``evaluate align`` plus ``OUT_DIR/refine.json``.
 Importing this module does not import torch.
 """
 
@@ -28,7 +38,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_subparser", "cmd_evaluate_align", "cmd_its_export_mille"]
+__all__ = ["add_subparser", "cmd_evaluate_align", "cmd_its_export_mille", "cmd_its_refine"]
 
 
 def _positive_int(text: str) -> int:
@@ -126,11 +136,104 @@ def cmd_its_export_mille(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
+def cmd_its_refine(args: argparse.Namespace) -> int:
+    """Refine the run ``args.run`` into ``args.out``; print the cost before and after."""
+    from streamcal.errors import StreamcalError
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from streamcal.detectors.its.refine import REFINE_JSON, refine_run
+
+    try:
+        summary = refine_run(args.run, args.out, events=args.events, gn_iterations=args.gn_iterations,
+                             cg_iterations=args.cg_iterations, tol=args.tol, min_hits=args.min_hits,
+                             min_sensor_hits=args.min_sensor_hits, layers=args.layers,
+                             cache_mb=args.cache_mb, cache_precision=args.cache_precision,
+                             progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except StreamcalError:
+        raise  # names the run file; the main CLI prints it
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ev = summary["events"]
+    print(f"cost {summary['cost_start']:.10g} -> {summary['cost']:.10g} (change times events "
+          f"{summary['cost_change_times_events']:.4g}; {ev} events, {summary['tracks']} tracks)")
+    for g in summary["gn"]:
+        res = g["cg"][-1]["relative_residual"] if g["cg"] else 0.0
+        print(f"GN {g['iteration']}: {g['cg_iterations']} CG iterations (relative residual {res:.2e}), predicted "
+              f"{g['predicted_change']:.4g}, actual {g['cost_after'] - g['cost_before']:.4g}, max |dTheta| "
+              f"{g['max_step']:.3g}")
+    sp = summary["seconds_per_pass"]
+    cg = "n/a" if sp["cg_median"] is None else f"{sp['cg_median']:.2f}"
+    print(f"seconds per pass: cost/gradient/blocks {', '.join(f'{s:.1f}' for s in sp['system'])}; CG median {cg}; "
+          f"total {summary['seconds']:.0f} s, {summary['passes']} passes")
+    print(f"run directory: {args.out} (streamcal evaluate align --run {args.out} --report REPORT_DIR); "
+          f"record {args.out}/{REFINE_JSON}")
+    return 0
+
+
+def _add_refine(its_sub: Any) -> None:
+    p = its_sub.add_parser(
+        "refine", help="continue a run with global Gauss-Newton steps (matrix-free preconditioned CG)",
+        description="Continue an alignment run with global Gauss-Newton iterations on its cost, each solving the "
+                    "projected normal equations (track parameters profiled out) by preconditioned conjugate "
+                    "gradients within the run's constraints, matrix-free, one pass over the spooled tracks "
+                    "(RUN_DIR/spool/*.arrows) per CG iteration. Starts from RUN_DIR/theta.npy and writes OUT_DIR as "
+                    "a run directory for `streamcal evaluate align` (run.json, theta.npy, theta_true.npy, "
+                    "metrics.jsonl) and OUT_DIR/refine.json (per-iteration record).")
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="run directory of the alignment workers (run.json, theta.npy, theta_true.npy, spool/*.arrows)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output run directory (created)")
+    p.add_argument("--events", type=_positive_int, default=None,
+                   help="use only the first N events of the spool (default: all)")
+    p.add_argument("--gn-iterations", type=_positive_int, default=2, help="Gauss-Newton relinearisations (default 2)")
+    p.add_argument("--cg-iterations", type=_positive_int, default=100,
+                   help="CG iterations per Gauss-Newton iteration at most, one pass each (default 100)")
+    p.add_argument("--tol", type=_positive_float, default=1e-4,
+                   help="stop CG at this relative projected preconditioned residual (default 1e-4)")
+    p.add_argument("--cache-mb", type=_non_negative_float, default=2048.0,
+                   help="memory for the linearised tracks kept between the CG passes (about 1.5 kB per track in "
+                        "float64); chunks beyond it are recomputed every pass (default 2048)")
+    p.add_argument("--cache-precision", choices=("float64", "float32"), default="float64",
+                   help="precision of the kept linearisation (float32: half the memory, H p to ~1e-7)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--min-hits", type=_positive_int, default=4,
+                   help="tracks with fewer valid hits are rejected (default 4, as the workers)")
+    p.add_argument("--min-sensor-hits", type=_positive_int, default=10,
+                   help="sensors with fewer hits keep the run's value (default 10)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="L", default=None,
+                   help="solve only for the sensors of these layers; the others keep the run's value (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_its_refine)
+
+
 def _add_its_group(subparsers: Any) -> None:
-    """Register ``streamcal its export-mille``."""
+    """Register ``streamcal its export-mille`` and ``streamcal its refine``."""
     if "its" in subparsers.choices:
         raise RuntimeError("streamcal.detectors.its.cli: a command 'its' is already registered")
-    its = subparsers.add_parser("its", help="ITS2 alignment tools (export-mille)",
+    its = subparsers.add_parser("its", help="ITS2 alignment tools (export-mille, refine)",
                                 description="ITS2 alignment tools.")
     its_sub = its.add_subparsers(dest="its_command", metavar="COMMAND", required=True)
     p = its_sub.add_parser(
@@ -157,11 +260,12 @@ def _add_its_group(subparsers: Any) -> None:
     p.add_argument("--min-entries", type=_positive_int, default=1,
                    help="pede's entries cut: parameters with fewer measurements are not fitted (default 1)")
     p.set_defaults(func=cmd_its_export_mille)
+    _add_refine(its_sub)
 
 
 def add_subparser(subparsers: Any) -> None:
     """Add ``align`` to ``streamcal evaluate`` (or register ``evaluate align`` alone) and register
-    ``streamcal its export-mille``."""
+    ``streamcal its export-mille`` and ``streamcal its refine``."""
     _add_evaluate_align(subparsers)
     _add_its_group(subparsers)
 
