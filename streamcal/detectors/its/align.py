@@ -332,6 +332,20 @@ def pack_tracks(
 # Constraints (weak modes, reference sensors)
 
 
+def _restricted_basis(q: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (6N, m') of the directions ``q`` (6N, m) restricted to the ``free``
+    sensors (bool (N,)), dependent directions dropped (e.g. a translation once three sensors are
+    fixed)."""
+    qf = q * np.repeat(free, 6).astype(np.float64)[:, None]
+    if qf.shape[1]:
+        scale = np.linalg.norm(qf, axis=0)
+        qf = qf[:, scale > 1e-12] / scale[scale > 1e-12]
+    if not qf.shape[1]:
+        return np.zeros((q.shape[0], 0))
+    qq, r = np.linalg.qr(qf)
+    return np.ascontiguousarray(qq[:, np.abs(np.diag(r)) > 1e-9])
+
+
 @dataclass
 class Constraints:
     """Linear constraints on Theta: ``Q^T Theta = 0`` (``Q`` (6N, m) orthonormal, zero on fixed
@@ -372,18 +386,16 @@ class Constraints:
             if fx.size and (not np.issubdtype(fx.dtype, np.integer) or fx.min() < 0 or fx.max() >= n):
                 raise ValueError(f"Constraints.build: fixed must be sensor ids in 0..{n - 1}, got {fixed!r}")
             free[fx] = 0.0
-        # restrict to the free sensors and re-orthonormalise (drops dependent directions, e.g. a
-        # translation once three sensors are fixed)
-        qf = q * np.repeat(free[:, 0], 6)[:, None]
-        if qf.shape[1]:
-            scale = np.linalg.norm(qf, axis=0)
-            qf = qf[:, scale > 1e-12] / scale[scale > 1e-12]
-        if qf.shape[1]:
-            qq, r = np.linalg.qr(qf)
-            q = qq[:, np.abs(np.diag(r)) > 1e-9]
-        else:
-            q = np.zeros((6 * n, 0))
-        return cls(torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(free), tuple(modes))
+        return cls(torch.from_numpy(_restricted_basis(q, free[:, 0] > 0)), torch.from_numpy(free), tuple(modes))
+
+    def with_free(self, free: np.ndarray) -> Constraints:
+        """The same constraints with only the sensors ``free`` (bool (N,)) free, the others fixed."""
+        free = np.asarray(free, dtype=bool)
+        if free.shape != (self.n_sensors,):
+            raise ValueError(f"Constraints.with_free: free must be a bool mask of shape ({self.n_sensors},), "
+                             f"got {free.shape}")
+        q = _restricted_basis(self.q.numpy(), free)
+        return Constraints(torch.from_numpy(q), torch.from_numpy(free.astype(np.float64)[:, None]), self.modes)
 
     @property
     def n_sensors(self) -> int:
@@ -910,7 +922,6 @@ def normal_equations(
         raise ValueError(f"normal_equations: chunk_tracks must be an integer >= 1, got {chunk_tracks!r}")
     w = batch_weights(model, batches)
     n = model.n_sensors
-    nn6 = 6 * n
     hkeys: list[np.ndarray] = []
     hblocks: list[np.ndarray] = []
     vkeys: list[np.ndarray] = []

@@ -235,6 +235,18 @@ class _Source:
         good = ev_ndf > 0
         return nh, torch.where(good, 1.0 / ev_ndf.clamp_min(1.0), torch.zeros_like(ev_ndf)), int(good.sum())
 
+    def _counted(self, tally: _Pass, bar: Any) -> Iterator[tuple[TrackBatch, Tensor, Tensor, int]]:
+        """The batches of one pass with their hits per track, ``1/nu`` per event and events with
+        nu > 0, counted into ``tally``; batches without degrees of freedom are counted and skipped."""
+        for batch in self.batches_iter():
+            nh, scale_ev, n_good = self.event_scale(self.model, batch)
+            tally.events += n_good
+            tally.tracks += batch.n_tracks
+            if bar is not None:
+                bar.update(1)
+            if batch.n_tracks and n_good:
+                yield batch, nh, scale_ev, n_good
+
     def run(self, fresh: bool, consume: Consumer, bar: Any = None) -> _Pass:
         """One pass at the model's current Theta. ``fresh``: evaluate every chunk (``consume`` then
         gets the batch, ``1/nu`` per event and the evaluation ``res``; the cache is refilled); else
@@ -258,14 +270,7 @@ class _Source:
         tally = _Pass()
         i_chunk = 0
         all_cached = True
-        for batch in self.batches_iter():
-            nh, scale_ev, n_good = self.event_scale(model, batch)
-            tally.events += n_good
-            tally.tracks += batch.n_tracks
-            if bar is not None:
-                bar.update(1)
-            if batch.n_tracks == 0 or n_good == 0:
-                continue
+        for batch, nh, scale_ev, _ in self._counted(tally, bar):
             for idx in model._chunks(batch, nh, self.chunk_tracks):
                 cached = None if fresh or i_chunk >= len(self._cache) else self._cache[i_chunk]
                 if cached is not None:
@@ -301,14 +306,7 @@ class _Source:
     def cost(self, bar: Any = None) -> tuple[float, _Pass]:
         """C at the model's current Theta (the model's fast forward per batch; no linearisation)."""
         tally = _Pass()
-        for batch in self.batches_iter():
-            _, _, n_good = self.event_scale(self.model, batch)
-            tally.events += n_good
-            tally.tracks += batch.n_tracks
-            if bar is not None:
-                bar.update(1)
-            if batch.n_tracks == 0 or n_good == 0:
-                continue
+        for batch, _, _, n_good in self._counted(tally, bar):
             out = self.model(batch, self.chunk_tracks, cache=self.batches is not None)
             tally.cost_sum += float(out.cost) * n_good  # the model normalises by the batch's events
         self._end_pass(tally)
@@ -559,23 +557,6 @@ class RefineResult:
         }
 
 
-def _active_constraints(constraints: Constraints, active: np.ndarray) -> Constraints:
-    """``constraints`` with the inactive sensors fixed: ``Q`` restricted to the active sensors and
-    re-orthonormalised (dependent directions dropped, as ``Constraints.build``)."""
-    rows = np.repeat(active, 6).astype(np.float64)
-    q = constraints.q.numpy() * rows[:, None]
-    if q.shape[1]:
-        norm = np.linalg.norm(q, axis=0)
-        q = q[:, norm > 1e-12] / norm[norm > 1e-12]
-    if q.shape[1]:
-        qq, r = np.linalg.qr(q)
-        q = qq[:, np.abs(np.diag(r)) > 1e-9]
-    else:
-        q = np.zeros((rows.size, 0))
-    free = torch.from_numpy(active.astype(np.float64)[:, None])
-    return Constraints(torch.from_numpy(np.ascontiguousarray(q)), free, constraints.modes)
-
-
 def _preconditioner(blocks: Tensor, active: np.ndarray, damping: float) -> Tensor:
     """Inverse (N, 6, 6) of the diagonal blocks, each scaled to unit diagonal with ``damping`` added
     (a block of a sensor with few hits is singular); identity on the inactive sensors."""
@@ -763,7 +744,7 @@ def refine(
             cost_start = system.cost
         cost = system.cost
         active = free & solve & (system.hits.numpy() >= min_sensor_hits)
-        cons = _active_constraints(constraints, active)
+        cons = constraints.with_free(active)
         minv = _preconditioner(system.blocks, active, damping)
         proj = cons.projection(minv)
         act6 = torch.from_numpy(active)[:, None].to(torch.float64)
