@@ -71,14 +71,7 @@ import torch
 from scipy.special import erf
 from torch import Tensor
 
-from streamcal.detectors.its.align import (
-    Constraints,
-    OptimizerConfig,
-    _hit_theta_derivatives,
-    _projector_blocks,
-    local_basis,
-    pack_tracks,
-)
+from streamcal.detectors.its.align import Constraints, OptimizerConfig, local_basis, pack_tracks
 from streamcal.detectors.its.geometry import ITSGeometry, ITSGeometryConfig, LayerSpec, build_geometry
 from streamcal.detectors.its.misalignment import (
     RIGID_MODES,
@@ -90,6 +83,7 @@ from streamcal.detectors.its.misalignment import (
     global_to_local,
     matrix_to_euler,
 )
+from streamcal.detectors.its.refine import _diag_blocks, _linearise
 from streamcal.detectors.its.simulation import PION_MASS, SimulationConfig, simulate
 from streamcal.errors import ConfigError, StreamcalError
 from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel, TrackBatch, highland_theta0
@@ -849,19 +843,14 @@ def sensor_precision(geom: ITSGeometry, batch: TrackBatch, model_config: ITSAlig
     fisher = torch.zeros(n, 36, dtype=torch.float64)
     hits = torch.zeros(n, dtype=torch.float64)
     phi = model.phi.detach()
+    half = torch.full((batch.n_events,), 0.5, dtype=torch.float64)
     for lo in range(0, batch.n_tracks, chunk_tracks):
         idx = slice(lo, min(lo + chunk_tracks, batch.n_tracks))
         sub = TrackBatch(batch.sensor[idx], batch.local[idx], batch.mask[idx], batch.event[idx],
                          batch.n_events, batch.vertex)
         res = model._evaluate(sub, phi, need_grad=True)
-        ve, vz = _hit_theta_derivatives(model, sub, res)  # (T, K, 6)
-        pxy, pz = _projector_blocks(res)  # (T, K+1, K+1), vertex last
-        k = sub.sensor.shape[1]
-        same = (sub.sensor[:, :, None] == sub.sensor[:, None, :]) & sub.mask[:, :, None] & sub.mask[:, None, :]
-        t, i, j = same.nonzero(as_tuple=True)  # hit pairs on one sensor (i == j, and overlaps)
-        blocks = (pxy[:, :k, :k][t, i, j, None, None] * ve[t, i][:, :, None] * ve[t, j][:, None, :]
-                  + pz[:, :k, :k][t, i, j, None, None] * vz[t, i][:, :, None] * vz[t, j][:, None, :])
-        fisher.index_add_(0, sub.sensor[t, i], blocks.reshape(-1, 36))
+        # the chi2's own information: the linearisation of the cost with 2 c_t = 1 for every track
+        _diag_blocks(_linearise(model, sub, res, half), fisher)
         hits.index_add_(0, sub.sensor[sub.mask], torch.ones(int(sub.mask.sum()), dtype=torch.float64))
     basis = local_basis(model)  # (N, 6, 6): local deltas -> global Theta
     f_loc = basis.transpose(1, 2) @ (fisher.reshape(n, 6, 6) * scale) @ basis
