@@ -35,20 +35,31 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["add_subparser", "cmd_evaluate_align", "cmd_its_export_mille", "cmd_its_refine"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(cast: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type: ``cast(text)`` that must satisfy ``ok``; errors say ``what`` was expected."""
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, "a positive integer", lambda v: v >= 1)
+_positive_float = _number(float, "a positive finite number", lambda v: 0 < v < math.inf)
+_non_negative_float = _number(float, "a finite number >= 0", lambda v: 0 <= v < math.inf)
 
 
 def _table(summary: dict[str, Any]) -> str:
@@ -134,26 +145,6 @@ def cmd_its_export_mille(args: argparse.Namespace) -> int:
           f"summary {args.out}/{SUMMARY_FILE}")
     print(f"run: cd {args.out} && pede {STEERING_FILE}")
     return 0
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
-    return value
 
 
 def cmd_its_refine(args: argparse.Namespace) -> int:
