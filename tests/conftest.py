@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray for the whole session (num_cpus=2, no dashboard)."""
+"""Shared fixtures: one local Ray for the whole session (num_cpus=2, no dashboard); torch on one
+thread for a module."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def ray_session():
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    small tensors run faster without thread hand-offs, and the results do not depend on the
+    machine's core count."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from streamcal.cli import build_parser, main
 from streamcal.detectors.its.align import Constraints, OptimizerConfig, pack_tracks, reference_solution
@@ -60,12 +59,7 @@ SIM = SimulationConfig(beam_spot_sigma=(0.015, 0.015, 10.0), eta_max=0.5, pt_spe
 MISALIGN = MisalignmentConfig(sigma_rot=(1e-4, 1e-4, 1e-4), sigma_trans=(0.02, 0.02, 0.02), seed=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

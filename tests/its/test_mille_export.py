@@ -48,12 +48,7 @@ COST = ITSAlignmentConfig(multiple_scattering=False)
 MISALIGN = MisalignmentConfig(sigma_rot=(1e-4, 1e-4, 1e-4), sigma_trans=(0.02, 0.02, 0.02), seed=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
