@@ -10,6 +10,13 @@ distortions + corrections on the same grid), the reason to use a learned correct
     python scripts/bench_tpc_live.py --grids 90x17x17 --seconds 2 --method model --checkpoint ckpt.pt
     python scripts/bench_tpc_live.py --payload full     # the (3, nphi, nr, nz) map instead of (3, nr, nz)
     python scripts/bench_tpc_live.py --status-intervals 0.1,1.0   # the driver's status requests, both rates
+    python scripts/bench_tpc_live.py --setups default,pinned,poll,pinned+poll
+
+Setups (``--setups``, README "CPU placement"), each on a Ray started for it, side by side:
+``default`` the shipped graphs' resources (niceness 0); ``pinned`` the latency path (IDC source,
+1D stage, client) on the machine's last CPU (``resources.cpus``), Ray's processes, the driver and
+the rest kept off it; ``poll`` the stages hold ``resources.wakeup_latency_us: 0`` (idle CPUs poll
+instead of halting: needs root or write access to /dev/cpu_dma_latency); ``pinned+poll`` both.
 
 Prints one JSON document; the target is p99 <= 2 ms for the 1D correction on CPU.
 """
@@ -39,23 +46,24 @@ def _free_port() -> int:
 
 
 def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, source: str, recording: str,
-           payload: str, status_interval: float) -> str:
+           payload: str, status_interval: float, pin: list[int] | None = None, poll: bool = False) -> str:
     from streamcal.detectors.tpc.constants import parse_grid
 
     ckpt = f", checkpoint: {checkpoint}" if checkpoint else ""
     g = parse_grid(grid)
+    res = "{niceness: 0" + (f", cpus: {pin}" if pin else "") + (", wakeup_latency_us: 0" if poll else "") + "}"
     if source == "live":
         src = f"""
       - name: idc
         kind: tpc_idc
-        resources: {{niceness: 0}}
+        resources: {res}
         config: {{grid: {grid}, intervals: {intervals}, speed: 1.0, clock: wall, seed: 1}}
         outputs: {{out: idc}}"""
     else:
         src = f"""
       - name: idc
         kind: replay
-        resources: {{niceness: 0}}
+        resources: {res}
         config: {{path: {recording}, schema: tpc.idc/{g.nphi}x{g.nr}, speed: 1.0}}
         outputs: {{out: idc}}"""
     return textwrap.dedent(f"""
@@ -64,7 +72,7 @@ def _graph(grid: str, intervals: int, port: int, method: str, checkpoint: str, s
     stages:{src}
       - name: sc1d
         kind: tpc_sc1d
-        resources: {{niceness: 0}}
+        resources: {res}
         config: {{grid: {grid}, method: {method}, payload: {payload}{ckpt}}}
         inputs: {{idc: idc}}
         outputs: {{out: corrections}}
@@ -94,12 +102,17 @@ def _record(grid: str, intervals: int, path: str) -> None:
         raise RuntimeError(f"recording the IDC stream ended {res.status}: {res.problems}")
 
 
-def _subscribe(endpoint: str, grid: str, ready, stop, results) -> None:
+def _subscribe(endpoint: str, grid: str, pin: list[int] | None, ready, stop, results) -> None:
     """The reconstruction client: a process of its own (as a C++ reconstruction would be), so the
-    Ray driver's threads do not share its interpreter. Per frame: the receive time minus the send
-    time of the frame's last IDC interval (end to end), split at the correction's send time into
-    the stage part (transport in + windowing + inference + encoding) and the delivery part."""
+    Ray driver's threads do not share its interpreter; on the latency path's CPUs when pinned. Per
+    frame: the receive time minus the send time of the frame's last IDC interval (end to end), split
+    at the correction's send time into the stage part (transport in + windowing + inference +
+    encoding) and the delivery part."""
     try:
+        if pin:
+            from streamcal.cpus import pin_process
+
+            pin_process(pin)
         _receive(endpoint, grid, ready, stop, results)
     except BaseException as exc:  # reported to the parent, which would otherwise wait for nothing
         results.put({"error": f"subscriber: {type(exc).__name__}: {exc}"})
@@ -179,14 +192,15 @@ def _ground_truth_ms(grid: str, repeat: int = 5) -> dict:
 
 
 def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, workdir: str,
-          payload: str = "compact", status_interval: float = 1.0) -> dict:
+          payload: str = "compact", status_interval: float = 1.0, pin: list[int] | None = None,
+          poll: bool = False) -> dict:
     from streamcal.graph import parse_graph
     from streamcal.runtime import run_graph
 
     port = _free_port()
     mp = multiprocessing.get_context("spawn")
     ready, stop, results = mp.Event(), mp.Event(), mp.Queue()
-    sub = mp.Process(target=_subscribe, args=(f"tcp://127.0.0.1:{port}", grid, ready, stop, results), daemon=True)
+    sub = mp.Process(target=_subscribe, args=(f"tcp://127.0.0.1:{port}", grid, pin, ready, stop, results), daemon=True)
     sub.start()
     if not ready.wait(60):
         raise RuntimeError("the subscriber process did not start within 60 s")
@@ -196,7 +210,7 @@ def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, 
         _record(grid, intervals, recording)
     load = os.getloadavg()[0]
     res = run_graph(parse_graph(_graph(grid, intervals, port, method, checkpoint, source, recording, payload,
-                                       status_interval)), print_summary=False, progress=False)
+                                       status_interval, pin, poll)), print_summary=False, progress=False)
     time.sleep(0.3)
     stop.set()
     got = results.get(timeout=30)
@@ -213,6 +227,9 @@ def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, 
         "payload": payload,
         "payload_bytes": got["payload_bytes"],
         "status_interval_s": status_interval,
+        "pinned_cpus": pin,
+        "wakeup_latency_us": 0 if poll else None,
+        "stage_cpus": {r["replica"]: r.get("cpus") for r in res.reports},
         "load_1min_before": round(load, 2),
         "status": res.status,
         "idc_intervals": intervals,
@@ -228,10 +245,26 @@ def bench(grid: str, seconds: float, method: str, checkpoint: str, source: str, 
     }
 
 
+SETUPS = ("default", "pinned", "poll", "pinned+poll")
+
+
+def _setup(name: str, online: frozenset[int]) -> tuple[str, list[int] | None, bool]:
+    """``--setups`` value -> (name, the latency path's CPU ids or None, idle polling)."""
+    if name not in SETUPS:
+        raise SystemExit(f"--setups: unknown setup '{name}' (known: {', '.join(SETUPS)})")
+    pin = None
+    if "pinned" in name:
+        if len(online) < 2:
+            raise SystemExit(f"--setups {name}: pinning needs 2 CPUs or more (online: {sorted(online)})")
+        pin = [max(online)]
+    return name, pin, "poll" in name
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grids", default="90x17x17,180x33x33")
-    p.add_argument("--seconds", type=float, default=3.0, help="event time per grid (at 1 kHz)")
+    p.add_argument("--seconds", type=float, default=20.0,
+                   help="event time per run (at 1 kHz: 100 frames per second; p99 wants 1,000 frames or more)")
     p.add_argument("--method", choices=("linear", "model"), default="linear")
     p.add_argument("--checkpoint", default="")
     p.add_argument("--sources", default="live,replay",
@@ -243,21 +276,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status-intervals", default="1.0",
                    help="settings.status_interval_s of the graph, one run per value (the shipped TPC graphs: 1.0; "
                         "the framework's default: 0.1)")
+    p.add_argument("--setups", default="default,pinned+poll",
+                   help=f"comma-separated, one set of runs each, on a Ray started for it ({', '.join(SETUPS)}; "
+                        "module doc)")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from tqdm import tqdm
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-tpc-") as workdir:
-            cases = [(g, s, float(i)) for g in args.grids.split(",") for s in args.sources.split(",")
-                     for i in args.status_intervals.split(",")]
-            runs = [bench(g, args.seconds, args.method, args.checkpoint, src, workdir, args.payload, interval)
-                    for g, src, interval in tqdm(cases, desc="runs", file=sys.stderr)]
-    finally:
-        ray.shutdown()
+    from streamcal.cpus import keep_off, online_cpus
+
+    setups = [_setup(v, online_cpus()) for v in args.setups.split(",")]
+    cases = [(g, s, float(i)) for g in args.grids.split(",") for s in args.sources.split(",")
+             for i in args.status_intervals.split(",")]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-tpc-") as workdir, \
+            tqdm(total=len(setups) * len(cases), desc="runs", file=sys.stderr) as bar:
+        for setup, pin, poll in setups:
+            # the driver, and the Ray it starts (GCS, raylet, workers inherit it), off the pinned CPUs
+            with keep_off(pin or ()):
+                ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+                try:
+                    for g, src, interval in cases:
+                        run = bench(g, args.seconds, args.method, args.checkpoint, src, workdir, args.payload,
+                                    interval, pin, poll)
+                        runs.append({"setup": setup, **run})
+                        bar.update()
+                finally:
+                    ray.shutdown()
     out = {"benchmark": "tpc_live_1d", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                    "python": platform.python_version()},
            "runs": runs}

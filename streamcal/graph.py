@@ -65,12 +65,21 @@ class Resources:
     """What a stage asks of its node. ``niceness``: the Unix nice value of the stage's process (0 =
     the priority of everything else on the node; Ray's own default for its workers, used when
     None, is 15, which lets any other process on the node preempt the stage, e.g. a training: give
-    stages on a latency path 0)."""
+    stages on a latency path 0). ``cpus``: the CPU ids (as the node's kernel numbers them) that
+    every thread of the stage's process runs on; the graph's other stages, and the Ray processes
+    of a local Ray that ``streamcal run`` starts, are kept off every id any stage names, so a
+    latency path can have cores to itself (Linux only; README, "CPU pinning").
+    ``wakeup_latency_us``: while the stage runs, the node's CPUs wake from idle within this many
+    microseconds (a PM QoS request on ``/dev/cpu_dma_latency``; 0: an idle CPU polls instead of
+    halting, which on a virtual machine saves the hypervisor's wake-up); needs root or write
+    access to that file."""
 
     num_cpus: float | None = None
     num_gpus: float = 0.0
     custom: Mapping[str, float] = field(default_factory=dict)
     niceness: int | None = None
+    cpus: tuple[int, ...] | None = None
+    wakeup_latency_us: int | None = None
 
     def request(self) -> dict[str, float]:
         req = {"CPU": self.num_cpus if self.num_cpus is not None else 0.0, "GPU": self.num_gpus}
@@ -155,6 +164,11 @@ class GraphSpec:
         if reader is not None and reader.queue is not None:
             return reader.queue
         return self.streams.get(stream, StreamSpec(stream)).queue
+
+    @property
+    def reserved_cpus(self) -> frozenset[int]:
+        """The CPU ids that stages pin themselves to (``resources.cpus``), kept free of the rest."""
+        return frozenset(c for s in self.stages for c in (s.resources.cpus or ()))
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -326,8 +340,23 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
         if not isinstance(rres, dict):
             problems.append(f"{where}: field 'resources' must be a mapping")
         else:
-            for k in sorted(set(rres) - {"num_cpus", "num_gpus", "custom", "niceness", "__line__"}):
-                problems.append(f"{where}: resources: unknown field '{k}' (allowed: num_cpus, num_gpus, custom, niceness)")
+            allowed = ("num_cpus", "num_gpus", "custom", "niceness", "cpus", "wakeup_latency_us")
+            for k in sorted(set(rres) - {*allowed, "__line__"}):
+                problems.append(f"{where}: resources: unknown field '{k}' (allowed: {', '.join(allowed)})")
+            wake = rres.get("wakeup_latency_us")
+            if wake is not None and (not isinstance(wake, int) or isinstance(wake, bool) or wake < 0):
+                problems.append(f"{where}: resources.wakeup_latency_us must be an integer >= 0 (microseconds), "
+                                f"got {wake!r}")
+                wake = None
+            cpus = rres.get("cpus")
+            if cpus is not None:
+                if (not isinstance(cpus, list) or not cpus or len(set(cpus)) != len(cpus)
+                        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus)):
+                    problems.append(f"{where}: resources.cpus must be a non-empty list of distinct CPU ids "
+                                    f"(integers >= 0, e.g. [1]), got {cpus!r}")
+                    cpus = None
+                else:
+                    cpus = tuple(sorted(cpus))
             nice = rres.get("niceness")
             if nice is not None and (not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19):
                 problems.append(f"{where}: resources.niceness must be an integer in [0, 19] (0: normal priority; "
@@ -345,7 +374,7 @@ def parse_graph(text: str, source: str | None = None) -> GraphSpec:
             ):
                 problems.append(f"{where}: resources.custom must map resource name -> amount >= 0")
                 custom = {}
-            res = Resources(ncpu, float(ngpu), {k: float(v) for k, v in custom.items() if k != "__line__"}, nice)
+            res = Resources(ncpu, float(ngpu), {k: float(v) for k, v in custom.items() if k != "__line__"}, nice, cpus, wake)
         stages.append(
             StageSpec(sname, kind, _strip_lines(cfg), tuple(inputs), outputs, replicas, res, restarts, line)
         )

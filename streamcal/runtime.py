@@ -29,6 +29,7 @@ import pyarrow as pa
 import ray
 import zmq
 
+from streamcal import cpus as cpu_placement
 from streamcal import shm
 from streamcal.errors import StreamcalError
 from streamcal.graph import ClusterResources, GraphSpec, StreamSpec, publish_endpoint, validate_graph
@@ -102,12 +103,15 @@ class _ActorImpl:
         logging.basicConfig(level=os.environ.get("STREAMCAL_LOG", "WARNING"),
                             format="%(levelname)s %(name)s: %(message)s")
         self.key = f"{stage_name}/{replica}"
+        # first, before this process starts threads of its own (they inherit it): where it runs
+        st = spec.stage(stage_name)
+        cpu_placement.place_stage(st.where(), st.resources.cpus, spec.reserved_cpus)
+        self._pm_qos = cpu_placement.hold_wakeup_latency(st.where(), st.resources.wakeup_latency_us)
         self.coord = ray.get_actor(_coord_name(run_id), namespace=NAMESPACE)
         self.incarnation = ray.get(self.coord.next_incarnation.remote(self.key))
         for name, (blob, finite, doc) in schemas.items():
             REGISTRY.register(name, pa.ipc.read_schema(pa.py_buffer(blob)), doc=doc, finite=finite)
         self.spec = spec
-        st = spec.stage(stage_name)
         cls = get_stage_class(st.kind)
         cfg = cls.Config.from_dict(dict(st.config), owner=st.where())
         inputs = {
@@ -242,6 +246,8 @@ class _ActorImpl:
         rep["status_requests"] = self.status_requests  # the driver's, in this incarnation (settings.status_interval_s)
         rep["endpoints"] = self.endpoints()
         rep["niceness"] = os.nice(0)
+        rep["cpus"] = cpu_placement.process_cpus()  # those of all its threads
+        rep["wakeup_latency_us"] = cpu_placement.wakeup_latency_us() if self._pm_qos is not None else None
         rep["peak_rss_mb"] = _peak_rss_mb()
         return rep
 
@@ -256,6 +262,9 @@ class _ActorImpl:
         for e in self.inputs.values():
             e.close()
         self.zctx.term()
+        if self._pm_qos is not None:
+            os.close(self._pm_qos)  # the PM QoS request ends with it
+            self._pm_qos = None
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -448,7 +457,17 @@ def run_graph(
 ) -> RunResult:
     """Run ``spec`` on Ray until every stage has drained. Starts a local Ray unless one is
     initialised or ``address`` names a cluster. Ctrl-C stops the sources and drains; a second
-    Ctrl-C aborts. ``on_started(actors)`` is called once the graph runs (tests use it)."""
+    Ctrl-C aborts. ``on_started(actors)`` is called once the graph runs (tests use it).
+
+    When stages pin themselves to CPUs (``resources.cpus``), the driver keeps off those CPUs for
+    the run, and so does the local Ray it starts (:mod:`streamcal.cpus`)."""
+    with cpu_placement.keep_off(spec.reserved_cpus):
+        return _run_graph(spec, address=address, metrics_json=metrics_json, startup_timeout_s=startup_timeout_s,
+                          print_summary=print_summary, progress=progress, on_started=on_started)
+
+
+def _run_graph(spec: GraphSpec, *, address: str | None, metrics_json: str | os.PathLike | None,
+               startup_timeout_s: float, print_summary: bool, progress: bool, on_started: Any) -> RunResult:
     own_ray = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, namespace=NAMESPACE,

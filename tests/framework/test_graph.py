@@ -144,6 +144,29 @@ def test_niceness_is_kept_in_the_spec():
     assert all(s.resources.niceness is None for s in spec.stages if s.name != "mid")
 
 
+@pytest.mark.parametrize("value", ["[]", "[1, 1]", "[-1]", "[0.5]", "1", "[true]", "'all'"])
+def test_cpus_must_be_a_list_of_distinct_cpu_ids(value):
+    text = GOOD.replace("replicas: 2", f"replicas: 2\n    resources: {{cpus: {value}}}")
+    assert "stage 'mid' (line 7): resources.cpus must be a non-empty list of distinct CPU ids" in problems(text)
+
+
+def test_cpus_are_kept_in_the_spec_and_reserved_for_the_graph():
+    text = GOOD.replace("replicas: 2", "replicas: 2\n    resources: {cpus: [3, 1]}")
+    text = text.replace("config: {messages: 3}", "config: {messages: 3}\n    resources: {cpus: [1]}")
+    spec = parse_graph(textwrap.dedent(text))
+    assert {s.name: s.resources.cpus for s in spec.stages} == {"src": (1,), "mid": (1, 3), "sink": None}
+    assert spec.reserved_cpus == {1, 3}
+    assert parse_graph(GOOD).reserved_cpus == frozenset()
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "true", "'fast'"])
+def test_wakeup_latency_must_be_microseconds(value):
+    text = GOOD.replace("replicas: 2", f"replicas: 2\n    resources: {{wakeup_latency_us: {value}}}")
+    assert "stage 'mid' (line 7): resources.wakeup_latency_us must be an integer >= 0 (microseconds)" in problems(text)
+    spec = parse_graph(GOOD.replace("replicas: 2", "replicas: 2\n    resources: {wakeup_latency_us: 0}"))
+    assert {s.name: s.resources.wakeup_latency_us for s in spec.stages} == {"src": None, "mid": 0, "sink": None}
+
+
 def test_bad_yaml_and_publish_endpoint():
     assert "not valid YAML" in problems("stages: [")
     msg = problems(GOOD + "streams:\n  b: {publish: 'http://x'}\n")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 import threading
 import time
 
 import pytest
 
+from streamcal import cpus
 from streamcal.errors import ResourceError
 from streamcal.graph import parse_graph
 from streamcal.runtime import run_graph
@@ -189,25 +191,62 @@ def test_a_stuck_edge_is_named_after_the_stall_timeout(ray_session):
     assert time.monotonic() - t < 30
 
 
-def test_stage_niceness_is_applied_to_its_process(ray_session):
-    """``resources.niceness`` sets the stage process's nice value (Ray's default for its workers,
-    kept when unset, is 15: any other process on the node would preempt the stage)."""
-    graph = textwrap.dedent("""
+def resources_graph(source: str, sink: str = "{}", restarts: int = 3) -> str:
+    """A source and a sink, each with the given ``resources`` mapping (YAML flow style)."""
+    return textwrap.dedent(f"""
     stages:
       - name: source
         kind: synthetic
-        resources: {niceness: 0}
-        config: {messages: 20, rows: 2, seed: 1}
-        outputs: {out: samples}
+        restarts: {restarts}
+        resources: {source}
+        config: {{messages: 20, rows: 2, seed: 1}}
+        outputs: {{out: samples}}
       - name: sink
         kind: collect
-        resources: {niceness: 7}
-        inputs: {in: samples}
+        resources: {sink}
+        inputs: {{in: samples}}
     """)
+
+
+def reported(graph: str, key: str) -> dict:
+    """Run ``graph``; each stage's ``key`` from its end-of-run report."""
     res = run_graph(parse_graph(graph), print_summary=False, progress=False)
     assert res.status == "completed", res.problems
-    nice = {r["metrics"]["stage"]: r["niceness"] for r in res.reports}
+    return {r["metrics"]["stage"]: r[key] for r in res.reports}
+
+
+def test_stage_niceness_is_applied_to_its_process(ray_session):
+    """``resources.niceness`` sets the stage process's nice value (Ray's default for its workers,
+    kept when unset, is 15: any other process on the node would preempt the stage)."""
+    nice = reported(resources_graph("{niceness: 0}", "{niceness: 7}"), "niceness")
     assert nice == {"source": 0, "sink": 7}
+
+
+@pytest.mark.skipif(not cpus.supported() or len(cpus.online_cpus()) < 2, reason="needs Linux and 2 CPUs")
+def test_stage_cpus_pin_every_thread_and_keep_the_other_stages_off(ray_session):
+    """``resources.cpus``: every thread of the stage's process (data loop, ZeroMQ, Ray) runs on the
+    CPUs it names; the graph's other stages keep off them."""
+    last = max(cpus.online_cpus())
+    placed = reported(resources_graph(f"{{cpus: [{last}]}}"), "cpus")
+    assert placed["source"] == [last]
+    assert placed["sink"] and last not in placed["sink"]
+
+
+def test_cpus_that_the_node_lacks_are_refused_naming_the_stage(ray_session):
+    graph = resources_graph("{cpus: [4095]}", restarts=0)
+    with pytest.raises(Exception) as exc:
+        run_graph(parse_graph(graph), print_summary=False, progress=False)
+    assert "stage 'source'" in str(exc.value) and "CPU id(s) [4095] are not online" in str(exc.value)
+
+
+@pytest.mark.skipif(not os.access(cpus.PM_QOS_DEVICE, os.W_OK), reason=f"needs write access to {cpus.PM_QOS_DEVICE}")
+def test_wakeup_latency_is_held_while_the_stage_runs_and_released_after(ray_session):
+    """``resources.wakeup_latency_us``: the stage's process holds the node's PM QoS request while
+    it runs (its report reads it back), and the kernel drops it when the process ends."""
+    before = cpus.wakeup_latency_us()
+    held = reported(resources_graph("{wakeup_latency_us: 7}"), "wakeup_latency_us")
+    assert held["source"] == min(7, before) and held["sink"] is None
+    assert cpus.wakeup_latency_us() == before
 
 
 def test_status_interval_sets_how_often_the_driver_asks_the_stages(ray_session):
