@@ -393,6 +393,8 @@ def test_cli_refine_writes_a_run_directory(tmp_path, capsys, geom, run_dir):
     run = load_run(out)
     assert run.config.geometry == cfg.geometry and run.config.constraints == cfg.constraints
     assert run.config.epochs == 2 and run.config.workers == 1
+    assert run.config.refined_from == str(rd) and run.label == f"refined (GN-CG) from {rd.name}"
+    assert load_run(rd).config.refined_from == "" and load_run(rd).label == f"M={cfg.workers}, tau={cfg.tau}"
     np.testing.assert_array_equal(run.theta_true, np.load(rd / "theta_true.npy"))
     summary = json.loads((out / REFINE_JSON).read_text())
     assert summary["spool"]["events"] == 250 and summary["spool"]["batches"] == 3

@@ -217,6 +217,8 @@ class RunConfig:
         tau: local optimiser steps between two synchronisations.
         epochs: passes over the training data.
         optimizer: the Theta-space optimiser.
+        refined_from: the run directory this one refines (``streamcal its refine``: global
+            Gauss-Newton, ``epochs`` relinearisations); empty for a run of the workers.
     """
 
     geometry: ITSGeometryConfig
@@ -228,6 +230,7 @@ class RunConfig:
     tau: int = 1
     epochs: int = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    refined_from: str = ""
 
     def __post_init__(self) -> None:
         types = {"geometry": ITSGeometryConfig, "misalignment": MisalignmentConfig, "simulation": SimulationConfig,
@@ -245,7 +248,9 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """``"M=4, tau=5"``."""
+        """``"M=4, tau=5"``, or ``"refined (GN-CG) from RUN"``."""
+        if self.refined_from:
+            return f"refined (GN-CG) from {Path(self.refined_from).name}"
         return f"M={self.workers}, tau={self.tau}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,7 +266,7 @@ class RunConfig:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise RunFormatError(path, f"unknown key(s) {unknown}; allowed: {names}")
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n != "refined_from"]  # refined_from: optional
         if missing:
             raise RunFormatError(path, f"missing key(s) {missing}")
         geo = dict(_section(data, "geometry", path))
@@ -280,6 +285,10 @@ class RunConfig:
         }
         for name in ("workers", "tau", "epochs"):
             kwargs[name] = data[name]
+        refined = data.get("refined_from", "")
+        if not isinstance(refined, str):
+            raise RunFormatError(path, f"refined_from must be a string (a run directory), got {refined!r}")
+        kwargs["refined_from"] = refined
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -1106,7 +1115,7 @@ def evaluate_run(
         "run": {"dir": str(run.run_dir), "label": run.label, "workers": rc.workers, "tau": rc.tau,
                 "epochs": rc.epochs, "n_sensors": n, "n_layers": geom.n_layers,
                 "constraints": {"modes": list(rc.constraints.modes), "fixed_layers": list(rc.constraints.fixed_layers)},
-                "model_vertex": rc.model.vertex, "optimizer": rc.optimizer.method},
+                "model_vertex": rc.model.vertex, "optimizer": rc.optimizer.method, "refined_from": rc.refined_from or None},
         "test_samples": {"seed": seed, "pt_spectrum": sim.pt_spectrum, "min_hits": cfg.min_hits,
                          "inner_hit": cfg.inner_hit, "ideal": ideal.describe(), "misaligned": mis.describe()},
         "headline": headline,

@@ -1009,7 +1009,7 @@ def refine_run(
     tracks = SpoolTracks(rd / SPOOL_DIR, geom, events=events, min_hits=min_hits,
                          with_vertex=rc.model.vertex == "given", log=log)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_json(out, replace(rc, workers=1, tau=1, epochs=gn_iterations))
+    write_run_json(out, replace(rc, workers=1, tau=1, epochs=gn_iterations, refined_from=str(rd)))
     shutil.copyfile(rd / THETA_TRUE_NPY, out / THETA_TRUE_NPY)
     metrics = out / METRICS_JSONL
     metrics.write_text("")
