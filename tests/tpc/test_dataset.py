@@ -232,11 +232,11 @@ def test_cli_solver_check(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         (["tpc", "simulate", "--grid", "90x17"], "invalid --grid"),
-        (["tpc", "simulate", "--rate", "-5"], "--rate must be a finite number >= 0"),
-        (["tpc", "simulate", "--epsilon", "0"], "--epsilon must be a finite number > 0"),
+        (["tpc", "simulate", "--rate", "-5"], "argument --rate: expected a finite number >= 0"),
+        (["tpc", "simulate", "--epsilon", "0"], "argument --epsilon: expected a finite number > 0"),
         (["tpc", "dataset", "--out", "x", "--split", "test"], "invalid choice: 'test'"),
-        (["tpc", "dataset", "--out", "x", "--shard-size", "0"], "--shard-size must be an integer >= 1"),
-        (["tpc", "dataset", "--out", "x", "--seed", "-1"], "--seed must be an integer >= 0"),
+        (["tpc", "dataset", "--out", "x", "--shard-size", "0"], "argument --shard-size: expected an integer >= 1"),
+        (["tpc", "dataset", "--out", "x", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
     ],
 )
 def test_cli_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

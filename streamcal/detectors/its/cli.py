@@ -35,31 +35,14 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Callable
 from typing import Any
+
+from streamcal.argtypes import non_negative_float, positive_float, positive_int
 
 __all__ = ["add_subparser", "cmd_evaluate_align", "cmd_its_export_mille", "cmd_its_refine"]
 
 
-def _number(cast: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
-    """An argparse type: ``cast(text)`` that must satisfy ``ok``; errors say ``what`` was expected."""
-    def parse(text: str) -> Any:
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, "a positive integer", lambda v: v >= 1)
-_positive_float = _number(float, "a positive finite number", lambda v: 0 < v < math.inf)
-_non_negative_float = _number(float, "a finite number >= 0", lambda v: 0 <= v < math.inf)
 
 
 def _table(summary: dict[str, Any]) -> str:
@@ -114,8 +97,8 @@ def _add_align_options(p: argparse.ArgumentParser) -> None:
                    help="run directory of the alignment workers (run.json, theta.npy, theta_true.npy, metrics.jsonl)")
     g.add_argument("--compare", nargs="+", action="extend", metavar="RUN_DIR",
                    help="more run directories whose cost history is drawn beside the run's")
-    g.add_argument("--events", type=_positive_int, default=20_000, help="events per test sample (default 20000)")
-    g.add_argument("--min-sensor-hits", type=_positive_int, default=100,
+    g.add_argument("--events", type=positive_int, default=20_000, help="events per test sample (default 20000)")
+    g.add_argument("--min-sensor-hits", type=positive_int, default=100,
                    help="residuals are also reported over the sensors the training data reach with at least "
                         "this many hits (default 100)")
     g.add_argument("--pt-spectrum", choices=("run", "uniform"), default="run",
@@ -197,22 +180,22 @@ def _add_refine(its_sub: Any) -> None:
     p.add_argument("--run", required=True, metavar="RUN_DIR",
                    help="run directory of the alignment workers (run.json, theta.npy, theta_true.npy, spool/*.arrows)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output run directory (created)")
-    p.add_argument("--events", type=_positive_int, default=None,
+    p.add_argument("--events", type=positive_int, default=None,
                    help="use only the first N events of the spool (default: all)")
-    p.add_argument("--gn-iterations", type=_positive_int, default=2, help="Gauss-Newton relinearisations (default 2)")
-    p.add_argument("--cg-iterations", type=_positive_int, default=100,
+    p.add_argument("--gn-iterations", type=positive_int, default=2, help="Gauss-Newton relinearisations (default 2)")
+    p.add_argument("--cg-iterations", type=positive_int, default=100,
                    help="CG iterations per Gauss-Newton iteration at most, one pass each (default 100)")
-    p.add_argument("--tol", type=_positive_float, default=1e-4,
+    p.add_argument("--tol", type=positive_float, default=1e-4,
                    help="stop CG at this relative projected preconditioned residual (default 1e-4)")
-    p.add_argument("--cache-mb", type=_non_negative_float, default=2048.0,
+    p.add_argument("--cache-mb", type=non_negative_float, default=2048.0,
                    help="memory for the linearised tracks kept between the CG passes (about 1.5 kB per track in "
                         "float64); chunks beyond it are recomputed every pass (default 2048)")
     p.add_argument("--cache-precision", choices=("float64", "float32"), default="float64",
                    help="precision of the kept linearisation (float32: half the memory, H p to ~1e-7)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--min-hits", type=_positive_int, default=4,
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--min-hits", type=positive_int, default=4,
                    help="tracks with fewer valid hits are rejected (default 4, as the workers)")
-    p.add_argument("--min-sensor-hits", type=_positive_int, default=10,
+    p.add_argument("--min-sensor-hits", type=positive_int, default=10,
                    help="sensors with fewer hits keep the run's value (default 10)")
     p.add_argument("--layers", type=int, nargs="+", metavar="L", default=None,
                    help="solve only for the sensors of these layers; the others keep the run's value (default: all)")
@@ -240,7 +223,7 @@ def _add_its_group(subparsers: Any) -> None:
     p.add_argument("--at", choices=("zero", "fitted"), default="zero",
                    help="linearisation point: Theta = 0 (pede aligns from the ideal geometry; default) or the run's "
                         "theta.npy (pede's corrections to it)")
-    p.add_argument("--min-hits", type=_positive_int, default=4,
+    p.add_argument("--min-hits", type=positive_int, default=4,
                    help="tracks with fewer valid hits are rejected (default 4, as the workers)")
     p.add_argument("--normalisation", choices=("cost", "chi2"), default="cost",
                    help="cost: sigmas scaled so that pede minimises the run's cost (times the total ndf; default); "
@@ -248,7 +231,7 @@ def _add_its_group(subparsers: Any) -> None:
     p.add_argument("--double", action="store_true", help="float64 records (GBL MilleBinary) instead of float32")
     p.add_argument("--method", default="auto",
                    help="pede method (default auto: inversion up to 10000 parameters, else sparseMINRES-QLP)")
-    p.add_argument("--min-entries", type=_positive_int, default=1,
+    p.add_argument("--min-entries", type=positive_int, default=1,
                    help="pede's entries cut: parameters with fewer measurements are not fitted (default 1)")
     p.set_defaults(func=cmd_its_export_mille)
     _add_refine(its_sub)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from streamcal.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from streamcal.detectors.tpc.constants import STANDARD_GRIDS, Grid, parse_grid
 
 __all__ = ["add_subparser", "cmd_simulate", "cmd_dataset", "cmd_solver_check"]
@@ -32,52 +33,6 @@ def _grid(text: str) -> Grid:
         return parse_grid(text, argument="--grid")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _nonneg_float(name: str) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text!r}")
-        return value
-
-    return parse
-
-
-def _positive_int(name: str) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(name: str) -> Any:
-    def parse(text: str) -> float:
-        value = _nonneg_float(name)(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
-        return value
-
-    return parse
 
 
 def _fail(message: str) -> int:
@@ -99,26 +54,26 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="simulate random density maps and their 1D IDC series")
     sim.add_argument("--grid", type=_grid, default=Grid(90, 17, 17), help=f"PHIxRxZ (standard: {grids})")
-    sim.add_argument("--rate", type=_nonneg_float("--rate"), default=50_000.0, help="interaction rate in Hz (>= 0)")
-    sim.add_argument("--epsilon", type=_positive_float("--epsilon"), default=10.0, help="gain x IBF (> 0)")
-    sim.add_argument("--maps", type=_positive_int("--maps"), default=4, help="number of maps (>= 1)")
-    sim.add_argument("--seed", type=_seed, default=0, help="integer >= 0")
+    sim.add_argument("--rate", type=non_negative_float, default=50_000.0, help="interaction rate in Hz (>= 0)")
+    sim.add_argument("--epsilon", type=positive_float, default=10.0, help="gain x IBF (> 0)")
+    sim.add_argument("--maps", type=positive_int, default=4, help="number of maps (>= 1)")
+    sim.add_argument("--seed", type=non_negative_int, default=0, help="integer >= 0")
     sim.add_argument("--out", type=Path, default=None, help="write .npz, .arrow or .parquet")
     sim.set_defaults(func=cmd_simulate)
 
     ds = sub.add_parser("dataset", help="write the augmented training set as Parquet/Arrow shards")
     ds.add_argument("--out", type=Path, required=True, help="output directory")
     ds.add_argument("--grid", type=_grid, default=Grid(90, 17, 17), help=f"PHIxRxZ (standard: {grids})")
-    ds.add_argument("--samples", type=_positive_int("--samples"), default=None,
+    ds.add_argument("--samples", type=positive_int, default=None,
                     help="number of samples (default: all, random-maps x 27)")  # fmt: skip
-    ds.add_argument("--random-maps", type=_positive_int("--random-maps"), default=1000, help="K random maps")
-    ds.add_argument("--seed", type=_seed, default=0, help="integer >= 0")
+    ds.add_argument("--random-maps", type=positive_int, default=1000, help="K random maps")
+    ds.add_argument("--seed", type=non_negative_int, default=0, help="integer >= 0")
     ds.add_argument("--split", choices=("train", "eval"), default="train", help="train (biased) or eval (unbiased)")
-    ds.add_argument("--bias", type=_nonneg_float("--bias"), default=0.05, help="training bias half-width, [0, 1)")
-    ds.add_argument("--shard-size", type=_positive_int("--shard-size"), default=1000, help="rows per shard")
+    ds.add_argument("--bias", type=non_negative_float, default=0.05, help="training bias half-width, [0, 1)")
+    ds.add_argument("--shard-size", type=positive_int, default=1000, help="rows per shard")
     ds.add_argument("--format", choices=("parquet", "arrow"), default="parquet", help="shard file format")
-    ds.add_argument("--rate", type=_nonneg_float("--rate"), default=50_000.0, help="interaction rate in Hz")
-    ds.add_argument("--epsilon", type=_positive_float("--epsilon"), default=10.0, help="gain x IBF (> 0)")
+    ds.add_argument("--rate", type=non_negative_float, default=50_000.0, help="interaction rate in Hz")
+    ds.add_argument("--epsilon", type=positive_float, default=10.0, help="gain x IBF (> 0)")
     ds.add_argument("--no-progress", action="store_true", help="no progress bar")
     ds.set_defaults(func=cmd_dataset)
 
@@ -126,7 +81,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     chk.add_argument("--grids", type=_grid, nargs="+", default=[Grid(*g) for g in STANDARD_GRIDS], help="grids to check")
     chk.add_argument("--device", default="cpu", help="cpu or cuda")
     chk.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    chk.add_argument("--repeats", type=_positive_int("--repeats"), default=5)
+    chk.add_argument("--repeats", type=positive_int, default=5)
     chk.set_defaults(func=cmd_solver_check)
     return tpc
 
