@@ -42,7 +42,7 @@ from streamcal.detectors.its.align import (
     weak_mode_analysis,
     weighted_average,
 )
-from streamcal.detectors.its.geometry import ITS2_LAYERS, ITSGeometryConfig, LayerSpec, build_geometry
+from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
 from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, compose, misalign, weak_mode
 from streamcal.detectors.its.simulation import SimulationConfig, simulate_batch
 from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel, TrackBatch
@@ -53,13 +53,6 @@ COST = ITSAlignmentConfig(multiple_scattering=False)
 MISALIGN = MisalignmentConfig(sigma_rot=(1e-4, 1e-4, 1e-4), sigma_trans=(0.02, 0.02, 0.02), seed=5)
 LOCAL = ("rot_u", "rot_v", "rot_w", "du", "dv", "dw")
 SCALE = np.array([1e6] * 3 + [1e3] * 3)  # rad -> urad, mm -> um
-
-
-@pytest.fixture(scope="module")
-def geom():
-    ib = [LayerSpec(lay.n_staves, 1, 2, lay.r_min, lay.x_x0) for lay in ITS2_LAYERS[:3]]
-    extra = [LayerSpec(24, 1, 2, 46.0, 0.0035), LayerSpec(28, 1, 2, 54.0, 0.0035)]
-    return build_geometry(ITSGeometryConfig(layers=tuple(ib + extra)))
 
 
 def _simulate(geom, theta: np.ndarray, n_events: int, seed: int) -> pa.RecordBatch:

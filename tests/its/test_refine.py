@@ -34,7 +34,7 @@ from streamcal.detectors.its.evaluation import (
     load_run,
     write_run_json,
 )
-from streamcal.detectors.its.geometry import ITS2_LAYERS, ITSGeometryConfig, LayerSpec, build_geometry
+from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
 from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, misalign
 from streamcal.detectors.its.refine import (
     REFINE_JSON,
@@ -55,18 +55,6 @@ THETA_SCALE = np.array([1e-4] * 3 + [2e-2] * 3)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def geom_config():
-    ib = [LayerSpec(lay.n_staves, 1, 2, lay.r_min, lay.x_x0) for lay in ITS2_LAYERS[:3]]
-    extra = [LayerSpec(24, 1, 2, 46.0, 0.0035), LayerSpec(28, 1, 2, 54.0, 0.0035)]
-    return ITSGeometryConfig(layers=tuple(ib + extra))
-
-
-@pytest.fixture(scope="module")
-def geom(geom_config):
-    return build_geometry(geom_config)
 
 
 @pytest.fixture(scope="module")
