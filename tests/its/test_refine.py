@@ -36,8 +36,10 @@ from streamcal.detectors.its.evaluation import (
 )
 from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
 from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, misalign
+from streamcal.detectors.its.misalignment import RIGID_MODES
 from streamcal.detectors.its.refine import (
     REFINE_JSON,
+    coarse_basis,
     SpoolTracks,
     gn_block_diagonal,
     gn_matvec,
@@ -218,6 +220,32 @@ def test_refine_reaches_the_reference_solution(geom, sample, references, case, s
     assert pred[0] < 0 and all(b <= a + 1e-12 * abs(a) for a, b in zip(pred, pred[1:]))
     assert res.passes == sum(1 + len(g.cg) + 1 for g in res.gn)
     json.dumps(res.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize(("case", "fewer"), [("modes", 0.8), ("fixed_layers", 1.0)])
+def test_the_coarse_level_reaches_the_same_minimum_in_fewer_cg_iterations(geom, sample, references, case, fewer):
+    """The two-level preconditioner (block Jacobi plus the rigid-body modes of each layer) solves
+    the same linearised problems: the same Theta and cost as ``reference_solution``, in fewer CG
+    iterations than block Jacobi alone at the same tolerance where only mode constraints hold the
+    layers (measured 1087 against 1853), and no more where fixed layers do (63 against 66); the
+    coarse columns cost one pass each."""
+    cons, theta0, ref = references[case, "zero"]
+    z = coarse_basis(geom, RIGID_MODES)
+    assert z.shape == (6 * geom.n_sensors, 6 * geom.n_layers)
+    np.testing.assert_allclose(z.T @ z, np.eye(z.shape[1]), atol=1e-12)
+    runs = {}
+    for name, basis in (("jacobi", None), ("two-level", z)):
+        runs[name] = refine(_model(geom, theta0), sample, cons, gn_iterations=3, cg_iterations=1500, tol=1e-10,
+                            coarse=basis, progress=False)
+    two = runs["two-level"]
+    assert np.all(np.abs(two.theta.numpy() - ref.theta.numpy()).max(0) < 1e-5 * THETA_SCALE)
+    assert abs(two.cost - ref.cost) < 1e-11 * ref.cost
+    its = {k: sum(g.cg_iterations for g in r.gn) for k, r in runs.items()}
+    assert its["two-level"] <= fewer * its["jacobi"], its
+    assert all(g.coarse_size + g.coarse_dropped <= z.shape[1] and g.coarse_size > 0 for g in two.gn)
+    assert two.passes == sum(1 + g.coarse_size + g.coarse_dropped + len(g.cg) + 1 for g in two.gn)
+    with pytest.raises(ValueError, match=r"coarse must be a finite \(6N, m\)"):
+        refine(_model(geom), sample, cons, coarse=z[:-6], progress=False)
 
 
 def test_constraints_hold_exactly_and_unhit_sensors_keep_their_value(geom, sample, fixed):
@@ -405,9 +433,11 @@ def test_cli_refine_writes_a_run_directory(tmp_path, capsys, geom, run_dir):
     assert _training_events(out) == 250
     # --layers: the other layers keep the run's Theta
     rc = main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "layers"), "--events", "250",
-               "--layers", "1", "2", "--cg-iterations", "20", "--no-progress"])
+               "--layers", "1", "2", "--cg-iterations", "20", "--coarse", "rigid", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
-    capsys.readouterr()
+    assert "coarse space of" in capsys.readouterr().err
+    layered = json.loads((tmp_path / "layers" / REFINE_JSON).read_text())
+    assert layered["options"]["coarse"] == "rigid" and layered["gn"][0]["coarse_size"] > 0
     held = ~np.isin(geom.layer, [1, 2])
     q = cfg.constraints.build(geom).q.numpy()
     start = np.load(rd / "theta.npy").reshape(-1)

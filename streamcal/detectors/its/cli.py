@@ -144,7 +144,7 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
         summary = refine_run(args.run, args.out, events=args.events, gn_iterations=args.gn_iterations,
                              cg_iterations=args.cg_iterations, tol=args.tol, min_hits=args.min_hits,
                              min_sensor_hits=args.min_sensor_hits, layers=args.layers,
-                             cache_mb=args.cache_mb, cache_precision=args.cache_precision,
+                             cache_mb=args.cache_mb, cache_precision=args.cache_precision, coarse=args.coarse,
                              progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
     except StreamcalError:
         raise  # names the run file; the main CLI prints it
@@ -199,6 +199,10 @@ def _add_refine(its_sub: Any) -> None:
                    help="sensors with fewer hits keep the run's value (default 10)")
     p.add_argument("--layers", type=int, nargs="+", metavar="L", default=None,
                    help="solve only for the sensors of these layers; the others keep the run's value (default: all)")
+    p.add_argument("--coarse", choices=("none", "rigid", "rigid+weak"), default="none",
+                   help="coarse space of a two-level CG preconditioner: each layer's rigid-body motions (rigid), and "
+                        "its share of the weak modes (rigid+weak); one pass per direction per Gauss-Newton "
+                        "iteration, fewer CG iterations for the collective motions of whole layers (default none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_its_refine)
 
