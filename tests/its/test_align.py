@@ -45,12 +45,9 @@ from streamcal.detectors.its.align import (
 from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
 from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, compose, misalign, weak_mode
 from streamcal.detectors.its.simulation import SimulationConfig, simulate_batch
-from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel, TrackBatch
+from streamcal.models.its_alignment import ITSAlignmentModel, TrackBatch
+from tests.its.barrel import COST, MISALIGN, SIM
 
-SIM = dict(beam_spot_sigma=(0.015, 0.015, 10.0), eta_max=0.4, pt_min=0.3, pt_max=5.0, multiple_scattering=False)
-COST = ITSAlignmentConfig(multiple_scattering=False)
-# local deltas: rotations about the chip centre 0.1 mrad, shifts 20 um (rms)
-MISALIGN = MisalignmentConfig(sigma_rot=(1e-4, 1e-4, 1e-4), sigma_trans=(0.02, 0.02, 0.02), seed=5)
 LOCAL = ("rot_u", "rot_v", "rot_w", "du", "dv", "dw")
 SCALE = np.array([1e6] * 3 + [1e3] * 3)  # rad -> urad, mm -> um
 

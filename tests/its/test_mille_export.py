@@ -38,14 +38,12 @@ from streamcal.detectors.its.mille_export import (
     THETA0_FILE,
     export_mille,
 )
-from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, misalign
+from streamcal.detectors.its.misalignment import apply_alignment, misalign
 from streamcal.detectors.its.simulation import SimulationConfig, simulate_batch
 from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel
+from tests.its.barrel import COST, MISALIGN, SIM
 
 GEOM_SPEC = GeometrySpec(layers=3, chips_u=(1, 1, 1), chips_v=(2, 2, 2))
-SIM = dict(beam_spot_sigma=(0.015, 0.015, 10.0), eta_max=0.4, pt_min=0.3, pt_max=5.0, multiple_scattering=False)
-COST = ITSAlignmentConfig(multiple_scattering=False)
-MISALIGN = MisalignmentConfig(sigma_rot=(1e-4, 1e-4, 1e-4), sigma_trans=(0.02, 0.02, 0.02), seed=5)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

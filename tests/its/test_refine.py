@@ -35,23 +35,20 @@ from streamcal.detectors.its.evaluation import (
     write_run_json,
 )
 from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
-from streamcal.detectors.its.misalignment import MisalignmentConfig, apply_alignment, misalign
-from streamcal.detectors.its.misalignment import RIGID_MODES
+from streamcal.detectors.its.misalignment import RIGID_MODES, apply_alignment, misalign
 from streamcal.detectors.its.refine import (
     REFINE_JSON,
-    coarse_basis,
     SpoolTracks,
+    coarse_basis,
     gn_block_diagonal,
     gn_matvec,
     gn_system,
     refine,
 )
 from streamcal.detectors.its.simulation import SimulationConfig, simulate_batch
-from streamcal.models.its_alignment import ITSAlignmentConfig, ITSAlignmentModel, TrackBatch
+from streamcal.models.its_alignment import ITSAlignmentModel, TrackBatch
+from tests.its.barrel import COST, MISALIGN, SIM
 
-SIM = dict(beam_spot_sigma=(0.015, 0.015, 10.0), eta_max=0.4, pt_min=0.3, pt_max=5.0, multiple_scattering=False)
-COST = ITSAlignmentConfig(multiple_scattering=False)
-MISALIGN = MisalignmentConfig(sigma_rot=(1e-4, 1e-4, 1e-4), sigma_trans=(0.02, 0.02, 0.02), seed=5)
 # typical Theta sizes: rotations ~1e-4 rad, shifts ~2e-2 mm
 THETA_SCALE = np.array([1e-4] * 3 + [2e-2] * 3)
 
