@@ -17,7 +17,9 @@ def _member(address: str, rank: int, theta: torch.Tensor, mu: float, out) -> Non
     group = ReplicaGroup(address, rank, 2, timeout_s=30)
     vec = torch.cat([theta.reshape(-1) * mu, torch.tensor([mu], dtype=torch.float64)])
     tot = group.allreduce_sum(vec)
-    out.put((rank, (tot[:-1] / tot[-1]).reshape(theta.shape), group.stats()))
+    # as numpy: a torch tensor crosses a multiprocessing queue as a file descriptor that the
+    # receiver fetches from this process, which may have ended by then
+    out.put((rank, (tot[:-1] / tot[-1]).reshape(theta.shape).numpy(), group.stats()))
 
 
 def test_two_processes_all_reduce_to_the_partition_weighted_average():
@@ -36,7 +38,7 @@ def test_two_processes_all_reduce_to_the_partition_weighted_average():
     expected = weighted_average(thetas, mus)
     assert not torch.allclose(expected, 0.5 * (thetas[0] + thetas[1]))  # the weights matter
     for rank, avg, stats in got:
-        torch.testing.assert_close(avg, expected, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(torch.from_numpy(avg), expected, rtol=1e-14, atol=1e-14)
         assert stats["world"] == 2 and stats["generation"] == 0 and stats["failures"] == 0
 
 
