@@ -1391,7 +1391,7 @@ class ITSAlignmentModel(nn.Module):
             "cost": cost, "chi2": chi2, "ndf": ndf, "event_chi2": ev_chi2, "event_ndf": ev_ndf,
             "e": e, "rz": rz, "w_xy": w_xy, "w_z": w_z, "kappa": fit["kappa"], "cos": fit["cos"],
             "sin": fit["sin"], "delta": fit["delta"], "z0": lfit["z0"], "tanl": lfit["tanl"],
-            "arc": arc, "x": x, "y": y, "ref": ref, "wv_xy": wv_xy, "wv_z": wv_z,
+            "arc": arc, "x": x, "y": y, "z": z, "ref": ref, "wv_xy": wv_xy, "wv_z": wv_z,
         }
         if need_grad:
             a = scale_ev[batch.event].to(dt)[:, None]  # (T, 1) d C / d chi2_track

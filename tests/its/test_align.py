@@ -449,6 +449,31 @@ def test_sgd_and_block_gauss_newton_against_the_reference(geom, sample, referenc
     assert np.abs(model.theta().numpy()[~free]).max() < 1e-12
 
 
+def test_hessian_blocks_equal_the_per_hit_derivatives_at_a_misaligned_geometry(geom, sample, truth):
+    """The factored blocks (per sensor the products of ``((g - a_T) x d, d)``, rotated once by
+    the sensor's rotation axes) equal ``sum 2 c w v v^T`` with ``v`` the per-hit derivatives of
+    the residuals w.r.t. Theta (``_hit_theta_derivatives``, the derivatives of
+    ``normal_equations`` and ``refine``), at Theta = the misalignment (rotations of 1e-4 rad:
+    the axes are not the coordinate axes there) and for several batches."""
+    from streamcal.detectors.its.align import _hit_theta_derivatives, _track_weight
+
+    model = ITSAlignmentModel.from_geometry(geom, COST)
+    model.set_theta(torch.from_numpy(truth))
+    expected = torch.zeros(geom.n_sensors, 36, dtype=torch.float64)
+    for wb, b in zip(batch_weights(model, sample), sample):
+        res = model._evaluate(b, model.phi.detach(), need_grad=False)
+        ve, vz = _hit_theta_derivatives(model, b, res)
+        a = 2.0 * _track_weight(model, b, res, float(wb))[:, None]
+        outer = ((a * res["w_xy"])[..., None, None] * ve[..., :, None] * ve[..., None, :]
+                 + (a * res["w_z"])[..., None, None] * vz[..., :, None] * vz[..., None, :])
+        expected.index_add_(0, b.sensor.reshape(-1), outer.reshape(-1, 36))
+    expected = expected.reshape(-1, 6, 6)
+    got = hessian_blocks(model, sample)
+    assert float(np.abs(truth[:, :3]).max()) > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+    torch.testing.assert_close(got, got.transpose(1, 2), rtol=0, atol=0)
+
+
 def test_sgd_rates_are_the_stability_limit(blocks):
     lr_rot, lr_trans = sgd_rates(blocks)
     lr = torch.tensor([lr_rot] * 3 + [lr_trans] * 3, dtype=torch.float64).sqrt()

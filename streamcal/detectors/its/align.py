@@ -572,28 +572,75 @@ def _track_weight(model: ITSAlignmentModel, batch: TrackBatch, res: dict[str, Te
     return wb * ITSAlignmentModel._event_scale(res["event_ndf"])[batch.event]
 
 
+def _rotation_axes(theta: Tensor) -> Tensor:
+    """Per sensor the axes (N, 3, 3) of ``(d a_R / d angle_a) a_R^T``, row a: a rotation matrix's
+    derivative times its transpose is antisymmetric, ``[omega_a]_x``, so
+    ``dg/d angle_a = omega_a x (g - a_T)``."""
+    gen = euler_derivatives(theta[:, :3]) @ euler_to_matrix(theta[:, :3])[:, None].transpose(-1, -2)  # (N, 3, 3, 3)
+    return torch.stack([gen[..., 2, 1], gen[..., 0, 2], gen[..., 1, 0]], -1)
+
+
+_TRIU = torch.triu_indices(6, 6)
+
+
 @torch.no_grad()
 def hessian_blocks(model: ITSAlignmentModel, batches: Iterable[TrackBatch] | TrackBatch) -> Tensor:
     """Per-sensor Gauss-Newton blocks (N, 6, 6) of C (all batches, :func:`batch_weights`) at the
     current Theta, without the track-fit projection: ``D = sum 2 c w v v^T = A^T W A``. Since
     ``P <= W``, ``D`` bounds the Gauss-Newton matrix ``H = A^T P A`` from above (``H <= D``), so
-    the block-preconditioned step with 0 < eta < 2 converges."""
+    the block-preconditioned step with 0 < eta < 2 converges.
+
+    Computed per real hit (no padding) in the factored form ``v = B_s u``: with ``d`` the
+    residual's derivative w.r.t. the hit's global position (``e``: ``(2 kappa x + sin,
+    2 kappa y - cos, 0)``; ``rz``: ``(-tan(lambda) ds/dx, -tan(lambda) ds/dy, 1)``),
+    ``u = ((g - a_T) x d, d)`` and ``B_s = diag(Omega_s, 1)`` (:func:`_rotation_axes`), so each
+    sensor accumulates the 21 distinct products of ``u`` and is rotated once: the same blocks as
+    the per-hit derivatives of :func:`_hit_theta_derivatives`."""
     batches = _check_batches(batches, "hessian_blocks")
     w = batch_weights(model, batches)
     n = model.n_sensors
-    acc = torch.zeros(n, 36, dtype=torch.float64)
+    acc = torch.zeros(21, n, dtype=torch.float64)
+    a_t = model.theta()[:, 3:].to(torch.float64)
+    iu0, iu1 = _TRIU
     for wb, batch in zip(w, batches):
         model._check_batch(batch, "hessian_blocks")
         if wb == 0:
             continue
-        res = model._evaluate(batch, model.phi.detach(), need_grad=True)
-        ve, vz = _hit_theta_derivatives(model, batch, res)
-        a = 2.0 * _track_weight(model, batch, res, float(wb))[:, None]  # (T, 1)
-        wxy, wz = a * res["w_xy"], a * res["w_z"]
-        outer = (wxy[..., None, None] * ve[..., :, None] * ve[..., None, :]
-                 + wz[..., None, None] * vz[..., :, None] * vz[..., None, :])  # (T, K, 6, 6)
-        acc.index_add_(0, batch.sensor.reshape(-1), outer.reshape(-1, 36))
-    return acc.reshape(n, 6, 6)
+        res = model._evaluate(batch, model.phi.detach(), need_grad=False)
+        real = batch.mask.reshape(-1).nonzero()[:, 0]
+        sid = batch.sensor.reshape(-1).index_select(0, real)
+        row = torch.div(real, batch.mask.shape[1], rounding_mode="floor")  # the hit's track
+
+        def hits(v: Tensor) -> Tensor:  # (T, K) -> (H,) float64
+            return v.reshape(-1).index_select(0, real).to(torch.float64)
+
+        # per-track values at the hits, rows (m, H)
+        per_track = torch.stack([res[key].to(torch.float64) for key in ("kappa", "cos", "sin", "tanl")]
+                                + list(res["ref"].to(torch.float64).T)
+                                + [2.0 * float(wb) * ITSAlignmentModel._event_scale(res["event_ndf"])[batch.event]])
+        k, c, s, tl, rx, ry, rz, scale = per_track.index_select(1, row)
+        _, dsdx, dsdy = _arc_length(res["x"], res["y"], {key: res[key] for key in ("cos", "sin", "delta", "kappa")})
+        x, y = hits(res["x"]), hits(res["y"])
+        at = a_t.T.index_select(1, sid)  # (3, H)
+        r = (x + rx - at[0], y + ry - at[1], hits(res["z"]) + rz - at[2])  # g - a_T
+        zero = torch.zeros_like(x)
+        d_e = (2 * k * x + s, 2 * k * y - c, zero)
+        d_z = (-tl * hits(dsdx), -tl * hits(dsdy), zero + 1.0)
+        u_e, u_z = ([r[1] * d[2] - r[2] * d[1], r[2] * d[0] - r[0] * d[2], r[0] * d[1] - r[1] * d[0], *d]
+                    for d in (d_e, d_z))
+        w_e, w_z = hits(res["w_xy"]) * scale, hits(res["w_z"]) * scale
+        for p, (i, j) in enumerate(zip(iu0.tolist(), iu1.tolist())):  # one row at a time: stays in cache
+            prod = (u_z[i] * u_z[j]).mul_(w_z)
+            if j != 5:  # d_e has no z component
+                prod.addcmul_(u_e[i] * u_e[j], w_e)
+            acc[p].index_add_(0, sid, prod)
+    full = torch.zeros(n, 6, 6, dtype=torch.float64)
+    full[:, iu0, iu1] = acc.T
+    full[:, iu1, iu0] = acc.T
+    b = torch.eye(6, dtype=torch.float64).repeat(n, 1, 1)
+    b[:, :3, :3] = _rotation_axes(model.theta().to(torch.float64))
+    out = b @ full @ b.transpose(1, 2)
+    return 0.5 * (out + out.transpose(1, 2))  # symmetric to the last bit
 
 
 def sgd_rates(blocks: Tensor, rot_share: float | None = None) -> tuple[float, float]:
