@@ -9,6 +9,12 @@ normal equations and the sparse reference solution of ``align``.
   reference layers; weak-mode constraints rz, curl, telescope; rz with a few fixed sensors), from
   Theta = 0 and from a start off the constraint surface; the constraints hold exactly afterwards
   and sensors without hits keep their value.
+* The prior (``presigma_rot``, ``presigma_trans``): :func:`refine` reaches the direct solution of
+  the cost plus the prior's chi2 over ``sum_i nu_i`` (``normal_equations``' H and g with the
+  prior's diagonal, KKT with the constraints, solved densely here); a chip's translations measured
+  with Fisher errors ``s_i`` end at the precision-weighted mean ``theta_hat sigma^2 / (sigma^2 +
+  s_i^2)`` per eigen-direction; a direction the tracks do not measure at all (the detector's
+  rotation about the beam axis, tracks from a vertex on it) ends at 0.
 * ``streamcal its refine`` on a run directory written here: the output is a run directory that
   ``evaluation.load_run`` reads, with the refined Theta, the cost history and ``refine.json``.
 
@@ -35,7 +41,7 @@ from streamcal.detectors.its.evaluation import (
     write_run_json,
 )
 from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
-from streamcal.detectors.its.misalignment import RIGID_MODES, apply_alignment, misalign
+from streamcal.detectors.its.misalignment import RIGID_MODES, apply_alignment, misalign, mode_vectors
 from streamcal.detectors.its.refine import (
     REFINE_JSON,
     SpoolTracks,
@@ -363,6 +369,188 @@ def test_bad_inputs_name_what_was_wrong(geom, sample, fixed):
 
 
 # ------------------------------------------------------------------------------------------------
+# the prior (Millepede's presigma)
+
+PRESIGMA = {"presigma_rot": 1e-4, "presigma_trans": 0.02}  # rad, mm: the misalignment's own scale
+
+
+def _degrees_of_freedom(batches: list[TrackBatch]) -> float:
+    """``sum_i nu_i`` over the events with ``nu_i > 0``: per track two measurements per hit (xy and
+    z), two of the vertex, minus the five track parameters."""
+    assert COST.vertex == "given"
+    total = 0.0
+    for b in batches:
+        nu_track = 2 * b.mask.sum(1).numpy() + 2 - 5
+        nu_event = np.bincount(b.event.numpy(), weights=nu_track, minlength=b.n_events)
+        total += float(nu_event[nu_event > 0].sum())
+    return total
+
+
+def _prior_diagonal(n: int, active: np.ndarray, rot: float | None, trans: float | None, ndf: float) -> np.ndarray:
+    """(6N,) the prior's chi2 weights ``1 / sigma^2`` in units of C (over ``sum_i nu_i``) on the
+    active sensors' DoFs."""
+    w = np.array([0.0 if rot is None else rot**-2] * 3 + [0.0 if trans is None else trans**-2] * 3)
+    return (np.outer(active, w) / ndf).reshape(-1)
+
+
+def _solve_with_prior(geom, batches, cons: Constraints, theta0: np.ndarray | None, n_iter: int, rot: float | None,
+                      trans: float | None, min_sensor_hits: int = 10) -> tuple[np.ndarray, float, float]:
+    """Gauss-Newton on ``C + sum_j w_j theta_j^2`` solved directly each iteration: the sparse
+    ``H`` and ``g`` of ``normal_equations`` plus the prior's ``2 w`` and ``2 w theta``, the KKT
+    system ``[[H_ff, Q_f], [Q_f^T, 0]]`` on the free DoFs of the sensors with enough hits (dense).
+    Returns Theta, C there and the prior's term."""
+    n = geom.n_sensors
+    hits = sum(np.bincount(b.sensor[b.mask].numpy(), minlength=n) for b in batches)
+    active = (cons.free[:, 0].numpy() > 0) & (hits >= min_sensor_hits)
+    w = _prior_diagonal(n, active, rot, trans, _degrees_of_freedom(batches))
+    free = np.repeat(active, 6)
+    q = cons.with_free(active).q.numpy()
+    model = _model(geom, theta0)
+    th = model.theta().reshape(-1).numpy().copy()
+    th[np.repeat(cons.free[:, 0].numpy() == 0, 6)] = 0.0
+    th = th - cons.q.numpy() @ (cons.q.numpy().T @ th)  # the start on the constraint surface
+    for _ in range(n_iter):
+        model.set_theta(torch.from_numpy(th.reshape(n, 6)))
+        th = model.theta().reshape(-1).numpy().copy()
+        ne = normal_equations(model, batches, covariance=False)
+        h = ne.hessian.toarray()[np.ix_(free, free)] + np.diag(2.0 * w[free])
+        g = ne.grad[free] + 2.0 * w[free] * th[free]
+        qf = q[free]
+        m = qf.shape[1]
+        kkt = np.block([[h, qf], [qf.T, np.zeros((m, m))]])
+        d = np.linalg.solve(kkt, np.concatenate([-g, np.zeros(m)]))[: free.sum()]
+        th[free] += d
+    model.set_theta(torch.from_numpy(th.reshape(n, 6)))
+    th = model.theta().reshape(-1).numpy()
+    return th.reshape(n, 6), total_cost(model, batches), float((w * th * th).sum())
+
+
+PRIOR_CASES = dict(CONSTRAINT_CASES, prior_only=lambda geom, fixed: Constraints.build(geom))
+
+
+@pytest.mark.parametrize("case", list(PRIOR_CASES))
+def test_refine_with_a_prior_reaches_the_direct_solution(geom, sample, fixed, references, case):
+    """With ``presigma_rot = 1e-4``, ``presigma_trans = 0.02`` (the misalignment's scale) three
+    Gauss-Newton iterations with CG to 1e-10 reach the direct solution of C plus the prior's
+    chi2 over ``sum_i nu_i`` (``_solve_with_prior``, the same linearisation points): Theta within
+    1e-5 of its typical size (measured up to 6e-6 with fixed layers, 1e-9 under mode
+    constraints), the objective ``C + prior`` within 1e-11 relative (it is stationary there; C
+    and the prior's term alone are not: 1e-8 and 1e-6); also without
+    any constraint (``prior_only``: the prior alone makes the weak modes, rz included, regular).
+    The prior moves the solution far beyond that tolerance (against ``reference_solution``
+    without it); the reported C excludes the prior's term and the objective ``C + prior``
+    decreased."""
+    cons = PRIOR_CASES[case](geom, fixed)
+    rot, trans = PRESIGMA["presigma_rot"], PRESIGMA["presigma_trans"]
+    want, want_cost, want_prior = _solve_with_prior(geom, sample, cons, None, 3, rot, trans)
+    res = refine(_model(geom), sample, cons, gn_iterations=3, cg_iterations=1500, tol=1e-10, progress=False,
+                 **PRESIGMA)
+    fit = res.theta.numpy()
+    assert np.all(np.abs(fit - want).max(0) < 1e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
+    objective = want_cost + want_prior
+    assert abs(res.cost + res.prior - objective) < 1e-11 * objective  # stationary: second order in Theta
+    assert abs(res.cost - want_cost) < 1e-8 * want_cost  # each first order (measured 1e-9, 7e-8)
+    assert abs(res.prior - want_prior) < 1e-6 * want_prior
+    assert res.ndf == _degrees_of_freedom(sample)
+    assert res.prior_start == 0.0 and res.gn[0].prior_before == 0.0 and res.gn[-1].prior_after == res.prior
+    assert res.cost + res.prior < res.cost_start + res.prior_start
+    assert res.presigma is not None and (res.presigma.rot, res.presigma.trans) == (rot, trans)
+    if case in CONSTRAINT_CASES:  # the prior changes the answer
+        without = references[case, "zero"][2].theta.numpy()
+        assert np.abs(want - without).max(0).min() > 1e-2 * THETA_SCALE.min()
+        assert np.any(np.abs(want - without).max(0) > 0.1 * THETA_SCALE)
+    d = res.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["presigma"] == {"rot": rot, "trans": trans} and d["prior"] == res.prior
+
+
+def test_the_prior_reaches_the_same_solution_with_the_coarse_level_and_one_group(geom, sample, fixed):
+    """The two-level preconditioner sees the prior (its ``H z`` and the blocks include it): the same
+    solution; a prior on the translations alone is the direct solution with that prior."""
+    cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
+    want, _, _ = _solve_with_prior(geom, sample, cons, None, 2, 1e-4, 0.02)
+    two = refine(_model(geom), sample, cons, gn_iterations=2, cg_iterations=1500, tol=1e-10,
+                 coarse=coarse_basis(geom, RIGID_MODES), progress=False, **PRESIGMA)
+    assert np.all(np.abs(two.theta.numpy() - want).max(0) < 1e-5 * THETA_SCALE)
+    assert all(g.coarse_size > 0 and g.coarse_dropped == 0 for g in two.gn)
+    want_t, _, prior_t = _solve_with_prior(geom, sample, cons, None, 2, None, 0.05)
+    only = refine(_model(geom), sample, cons, gn_iterations=2, cg_iterations=1500, tol=1e-10, presigma_trans=0.05,
+                  progress=False)
+    assert np.all(np.abs(only.theta.numpy() - want_t).max(0) < 1e-5 * THETA_SCALE)
+    assert abs(only.prior - prior_t) < 1e-8 * prior_t and only.presigma.rot is None
+
+
+def test_a_prior_gives_the_precision_weighted_mean(geom, sample):
+    """One chip's translations alone (its rotations held by constraints, the other chips by
+    ``sensors``): a linear problem in three unknowns. Its curvature ``h`` (3 x 3, from
+    ``normal_equations``) has eigen-directions ``u_i`` measured with Fisher errors ``s_i^2 = 2 /
+    (lambda_i sum nu)`` (chi2 units); the fit without the prior is ``theta_hat = -h^-1 g``, with
+    ``presigma_trans = sigma`` each component ends at ``u_i.theta_hat sigma^2 / (sigma^2 + s_i^2)``.
+    ``sigma`` is the worst-measured direction's ``s``: that component is halved, the best-measured
+    kept to its ``s^2 / sigma^2``."""
+    n = geom.n_sensors
+    s = int(np.flatnonzero(geom.layer == 2)[3])
+    model = _model(geom)
+    ne = normal_equations(model, sample, covariance=False)
+    t = 6 * s + np.arange(3, 6)
+    h = ne.hessian.toarray()[np.ix_(t, t)]
+    theta_hat = -np.linalg.solve(h, ne.grad[t])
+    lam, u = np.linalg.eigh(h)
+    fisher = np.sqrt(2.0 / (lam * _degrees_of_freedom(sample)))  # mm
+    sigma = float(fisher.max())
+    want = u @ ((u.T @ theta_hat) * sigma**2 / (sigma**2 + fisher**2))
+    rot = np.zeros((6 * n, 3))
+    rot[6 * s + np.arange(3), np.arange(3)] = 1.0
+    cons = Constraints.build(geom, vectors=rot)
+    kw = dict(sensors=[s], gn_iterations=1, cg_iterations=50, tol=1e-13, progress=False)
+    plain = refine(_model(geom), sample, cons, **kw).theta.numpy()
+    np.testing.assert_allclose(plain[s, 3:], theta_hat, rtol=0, atol=1e-9 * np.abs(theta_hat).max())
+    with_prior = refine(_model(geom), sample, cons, presigma_trans=sigma, **kw).theta.numpy()
+    np.testing.assert_allclose(with_prior[s, 3:], want, rtol=0, atol=1e-9 * np.abs(want).max())
+    assert np.all(with_prior[s, :3] == 0.0) and np.all(np.delete(with_prior, s, axis=0) == 0.0)
+    weak = u[:, 0]  # eigh: ascending; the worst measured has the smallest eigenvalue
+    assert abs(weak @ with_prior[s, 3:] - 0.5 * (weak @ theta_hat)) < 1e-9 * np.abs(theta_hat).max()
+    assert fisher.min() < 0.25 * sigma  # a well-measured direction keeps over 94 % of its value
+    strong = u[:, -1]
+    assert 0.94 < (strong @ with_prior[s, 3:]) / (strong @ theta_hat) < 1.0
+
+
+def test_a_direction_the_tracks_do_not_measure_ends_at_zero(geom, truth):
+    """Tracks from vertices on the beam axis do not see the whole detector turning about it (Theta's
+    gamma of every chip by the same angle): C is flat along that direction. Without constraints
+    and with the prior, one Gauss-Newton step from Theta = 0 puts its amplitude, the mean gamma of
+    the chips, at 0 (the prior's gradient along it, ``2 w sum gamma``, must vanish where the data's
+    does) although the truth's mean gamma is not 0 and the per-chip gamma are not small. Flat to
+    the linearisation's relative stiffness 3e-10 (the arc-length coupling of the rz residuals that
+    it drops), so 0 to 1e-3 of the truth's value."""
+    sim = dict(SIM, beam_spot_sigma=(0.0, 0.0, 10.0))
+    hits = simulate_batch(geom, SimulationConfig(seed=17, **sim), 300, placement=apply_alignment(geom, truth))
+    batch = pack_tracks(hits, geom)[0]
+    z = mode_vectors(geom, ("rz",))[:, 0]
+    assert np.allclose(z.reshape(-1, 6)[:, [0, 1, 3, 4, 5]], 0.0)  # rz moves gamma alone, equally on every chip
+    ne = normal_equations(_model(geom), [batch], covariance=False)
+    assert z @ (ne.hessian @ z) < 1e-9 * (z @ (ne.hessian.diagonal() * z))  # measured 2.6e-10
+    res = refine(_model(geom), [batch], Constraints.build(geom), gn_iterations=1, cg_iterations=3000, tol=1e-12,
+                 progress=False, **PRESIGMA)
+    assert res.gn[0].converged and res.gn[0].active_sensors == geom.n_sensors
+    gamma = res.theta.numpy()[:, 2]
+    assert abs(gamma.mean()) < 1e-3 * abs(truth[:, 2].mean())  # measured 1.1e-4
+    assert abs(gamma.mean()) < 1e-5 * np.abs(gamma).max() and np.abs(gamma).max() > 0.5 * THETA_SCALE[2]
+
+
+def test_bad_priors_name_the_argument(geom, sample, fixed):
+    cons = Constraints.build(geom, fixed=fixed)
+    for kw, msg in ((dict(presigma_rot=0.0), r"presigma_rot must be a finite number > 0 \(rad\) or None, got 0.0"),
+                    (dict(presigma_rot=-1e-4), "presigma_rot must be a finite number > 0"),
+                    (dict(presigma_trans=float("inf")), r"presigma_trans must be a finite number > 0 \(mm\)"),
+                    (dict(presigma_trans=float("nan")), "presigma_trans must be a finite number > 0"),
+                    (dict(presigma_trans="0.02"), "presigma_trans must be a finite number > 0 .* got '0.02'"),
+                    (dict(presigma_rot=True), "presigma_rot must be a finite number > 0 .* got True")):
+        with pytest.raises(ValueError, match="refine: " + msg):
+            refine(_model(geom), sample, cons, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
 # streamcal its refine
 
 
@@ -447,6 +635,48 @@ def test_cli_refine_writes_a_run_directory(tmp_path, capsys, geom, run_dir):
     # the output is not the input
     assert main(["its", "refine", "--run", str(rd), "--out", str(rd)]) == 2
     assert "out_dir must differ" in capsys.readouterr().err
+
+
+def test_cli_refine_with_a_prior_records_it(tmp_path, capsys, geom, run_dir):
+    """``--presigma-rot`` and ``--presigma-trans``: the result of :func:`refine` with that prior on the
+    same tracks; ``refine.json`` records the options, the prior and its term beside C, the metrics
+    the term per Gauss-Newton iteration; a value that is not a finite number > 0 is refused."""
+    rd, cfg, hits = run_dir
+    out = tmp_path / "prior"
+    rc = main(["its", "refine", "--run", str(rd), "--out", str(out), "--events", "250", "--gn-iterations", "2",
+               "--cg-iterations", "60", "--tol", "1e-9", "--presigma-rot", "1e-4", "--presigma-trans", "0.02",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "prior term " in text and "presigma rot 0.0001 rad, trans 0.02 mm" in text
+    summary = json.loads((out / REFINE_JSON).read_text())
+    assert summary["options"]["presigma_rot"] == 1e-4 and summary["options"]["presigma_trans"] == 0.02
+    assert summary["presigma"] == {"rot": 1e-4, "trans": 0.02}
+    ev = hits.column("event").to_numpy()
+    first = pack_tracks(hits.take(pa.array(np.nonzero(ev < 250)[0])), geom)[0]
+    assert summary["ndf"] == _degrees_of_freedom([first])
+    direct = refine(_model(geom, np.load(rd / "theta.npy")), [first], cfg.constraints.build(geom), gn_iterations=2,
+                    cg_iterations=60, tol=1e-9, progress=False, **PRESIGMA)
+    run = load_run(out)
+    np.testing.assert_allclose(run.theta, direct.theta.numpy(), rtol=0, atol=1e-9 * np.abs(run.theta).max())
+    assert abs(summary["prior"] - direct.prior) < 1e-9 * direct.prior and summary["prior"] > 0
+    assert summary["prior_start"] > 0  # the run's Theta is away from the nominal geometry
+    assert summary["cost"] + summary["prior"] < summary["cost_start"] + summary["prior_start"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [r for r in rows if "epoch_cost" in r]
+    assert [r["prior"] for r in ends] == [summary["prior_start"]] + [g["prior_after"] for g in summary["gn"]]
+    assert run.metrics.epoch_cost[-1] == summary["cost"]  # C without the prior's term
+    # without the options: no prior recorded
+    main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "plain"), "--events", "100",
+          "--cg-iterations", "5", "--gn-iterations", "1", "--no-progress"])
+    plain = json.loads((tmp_path / "plain" / REFINE_JSON).read_text())
+    assert plain["presigma"] is None and plain["prior"] == 0.0 and plain["options"]["presigma_rot"] is None
+    capsys.readouterr()
+    for bad in (["--presigma-rot", "0"], ["--presigma-trans", "-0.02"], ["--presigma-trans", "inf"]):
+        with pytest.raises(SystemExit):
+            main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "bad"), *bad])
+        assert f"argument {bad[0]}: expected a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_refine_errors_name_the_path(tmp_path, capsys, run_dir, geom):

@@ -8,7 +8,7 @@
     streamcal its refine --run RUN_DIR --out OUT_DIR [--events N] [--gn-iterations G]
                              [--cg-iterations K] [--tol T] [--cache-mb MB] [--cache-precision P]
                              [--threads N] [--min-hits N] [--min-sensor-hits N] [--layers L ...]
-                             [--no-progress]
+                             [--coarse C] [--presigma-rot RAD] [--presigma-trans MM] [--no-progress]
 
 Writes ``OUT_DIR/summary.json`` and the PNG figures of
 :mod:`streamcal.detectors.its.evaluation` (residual misalignment per layer, DCA_xy vs pT,
@@ -28,7 +28,10 @@ tracks), ``OUT_DIR/steer.txt`` (the ``pede`` steering file: fixed layers, constr
 ``its refine`` continues a run with global Gauss-Newton steps solved by matrix-free projected
 preconditioned conjugate gradients (:mod:`streamcal.detectors.its.refine`): from the run's
 ``theta.npy``, with its constraints and cost, on its spooled tracks, and writes ``OUT_DIR`` as a
-run directory for ``evaluate align`` plus ``OUT_DIR/refine.json``.
+run directory for ``evaluate align`` plus ``OUT_DIR/refine.json``. ``--presigma-rot`` and
+``--presigma-trans`` add Millepede's presigma, a Gaussian prior towards the nominal geometry on
+each rotation angle (rad) and each translation (mm) of the solved sensors
+(:class:`~streamcal.detectors.its.refine.Presigma`).
 Importing this module does not import torch.
 """
 
@@ -145,6 +148,7 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
                              cg_iterations=args.cg_iterations, tol=args.tol, min_hits=args.min_hits,
                              min_sensor_hits=args.min_sensor_hits, layers=args.layers,
                              cache_mb=args.cache_mb, cache_precision=args.cache_precision, coarse=args.coarse,
+                             presigma_rot=args.presigma_rot, presigma_trans=args.presigma_trans,
                              progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
     except StreamcalError:
         raise  # names the run file; the main CLI prints it
@@ -154,11 +158,15 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
     ev = summary["events"]
     print(f"cost {summary['cost_start']:.10g} -> {summary['cost']:.10g} (change times events "
           f"{summary['cost_change_times_events']:.4g}; {ev} events, {summary['tracks']} tracks)")
+    if summary["presigma"] is not None:
+        print(f"prior term {summary['prior_start']:.6g} -> {summary['prior']:.6g} (presigma rot "
+              f"{summary['presigma']['rot']} rad, trans {summary['presigma']['trans']} mm; in units of C, chi2 / "
+              f"{summary['ndf']:.6g} degrees of freedom)")
     for g in summary["gn"]:
         res = g["cg"][-1]["relative_residual"] if g["cg"] else 0.0
+        actual = (g["cost_after"] + g["prior_after"]) - (g["cost_before"] + g["prior_before"])
         print(f"GN {g['iteration']}: {g['cg_iterations']} CG iterations (relative residual {res:.2e}), predicted "
-              f"{g['predicted_change']:.4g}, actual {g['cost_after'] - g['cost_before']:.4g}, max |dTheta| "
-              f"{g['max_step']:.3g}")
+              f"{g['predicted_change']:.4g}, actual {actual:.4g}, max |dTheta| {g['max_step']:.3g}")
     sp = summary["seconds_per_pass"]
     cg = "n/a" if sp["cg_median"] is None else f"{sp['cg_median']:.2f}"
     print(f"seconds per pass: cost/gradient/blocks {', '.join(f'{s:.1f}' for s in sp['system'])}; CG median {cg}; "
@@ -203,6 +211,13 @@ def _add_refine(its_sub: Any) -> None:
                    help="coarse space of a two-level CG preconditioner: each layer's rigid-body motions (rigid), and "
                         "its share of the weak modes (rigid+weak); one pass per direction per Gauss-Newton "
                         "iteration, fewer CG iterations for the collective motions of whole layers (default none)")
+    p.add_argument("--presigma-rot", type=positive_float, default=None, metavar="RAD",
+                   help="Millepede's presigma for the rotations: a Gaussian prior 0 +- RAD (radians) on each of the "
+                        "three rotation angles of every solved sensor, pulling towards the nominal geometry; its "
+                        "chi2 is divided by the data's degrees of freedom, as the cost's (default: no prior)")
+    p.add_argument("--presigma-trans", type=positive_float, default=None, metavar="MM",
+                   help="Millepede's presigma for the translations: a Gaussian prior 0 +- MM (millimetres) on each of "
+                        "the three translations of every solved sensor (default: no prior)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_its_refine)
 

@@ -106,6 +106,7 @@ __all__ = [
     "CGRecord",
     "GNRecord",
     "RefineResult",
+    "Presigma",
     "refine",
     "coarse_basis",
     "COARSE_SPACES",
@@ -149,6 +150,7 @@ class _Pass:
 
     cost_sum: float = 0.0  # sum_events chi2 / nu
     events: int = 0  # events with nu > 0
+    ndf: float = 0.0  # sum_events nu over the events with nu > 0
     tracks: int = 0
     chunks: int = 0
 
@@ -233,26 +235,29 @@ class _Source:
         if tally.events == 0:
             raise ValueError(f"{self.where}: no event with positive degrees of freedom in the data")
         if self.first is None:
-            self.first = _Pass(tally.cost_sum, tally.events, tally.tracks, tally.chunks)
+            self.first = _Pass(tally.cost_sum, tally.events, tally.ndf, tally.tracks, tally.chunks)
         elif (tally.events, tally.tracks) != (self.first.events, self.first.tracks):
             raise ValueError(f"{self.where}: the data changed between passes ({self.first.tracks} tracks and "
                              f"{self.first.events} events in the first pass, {tally.tracks} and {tally.events} "
                              "now); the data callable must yield the same tracks on every call")
 
     @staticmethod
-    def event_scale(model: ITSAlignmentModel, batch: TrackBatch) -> tuple[Tensor, Tensor, int]:
-        """Hits per track, ``1/nu`` per event (0 for nu <= 0) and the number of events with nu > 0."""
+    def event_scale(model: ITSAlignmentModel, batch: TrackBatch) -> tuple[Tensor, Tensor, int, float]:
+        """Hits per track, ``1/nu`` per event (0 for nu <= 0), the number of events with nu > 0 and
+        the sum of their nu."""
         nh = batch.mask.sum(1)
         ev_ndf = torch.zeros(batch.n_events, dtype=torch.float64).index_add_(0, batch.event, model._ndf(nh))
         good = ev_ndf > 0
-        return nh, torch.where(good, 1.0 / ev_ndf.clamp_min(1.0), torch.zeros_like(ev_ndf)), int(good.sum())
+        return (nh, torch.where(good, 1.0 / ev_ndf.clamp_min(1.0), torch.zeros_like(ev_ndf)), int(good.sum()),
+                float(ev_ndf[good].sum()))
 
     def _counted(self, tally: _Pass, bar: Any) -> Iterator[tuple[TrackBatch, Tensor, Tensor, int]]:
         """The batches of one pass with their hits per track, ``1/nu`` per event and events with
         nu > 0, counted into ``tally``; batches without degrees of freedom are counted and skipped."""
         for batch in self.batches_iter():
-            nh, scale_ev, n_good = self.event_scale(self.model, batch)
+            nh, scale_ev, n_good, ndf = self.event_scale(self.model, batch)
             tally.events += n_good
+            tally.ndf += ndf
             tally.tracks += batch.n_tracks
             if bar is not None:
                 bar.update(1)
@@ -276,7 +281,7 @@ class _Source:
                 consume(ch, None, None, None)
             if bar is not None:
                 bar.update(bar.total or 0)
-            return _Pass(math.nan, self.first.events, self.first.tracks, len(self._cache))
+            return _Pass(math.nan, self.first.events, self.first.ndf, self.first.tracks, len(self._cache))
         used = self.cached_bytes
         table = model.placement_table(model.phi.detach()).to(torch.float64)
         tally = _Pass()
@@ -394,6 +399,8 @@ class GNSystem:
         events: events with nu > 0 (the ``N`` of the cost).
         tracks: tracks seen.
         seconds: wall time of the pass.
+        ndf: the degrees of freedom of those events, ``sum_i nu_i`` (the prior's scale,
+            :func:`prior_scale`).
     """
 
     cost: float
@@ -403,6 +410,7 @@ class GNSystem:
     events: int
     tracks: int
     seconds: float
+    ndf: float = 0.0
 
 
 def _system(src: _Source, bar: Any = None) -> GNSystem:
@@ -424,7 +432,7 @@ def _system(src: _Source, bar: Any = None) -> GNSystem:
     tally = src.run(True, consume, bar)
     ne = float(tally.events)
     return GNSystem(tally.cost_sum / ne, grad / ne, (blocks / ne).reshape(n, 6, 6), hits, tally.events,
-                    tally.tracks, time.perf_counter() - t0)
+                    tally.tracks, time.perf_counter() - t0, tally.ndf)
 
 
 def _matvec(src: _Source, p: Tensor, bar: Any = None) -> tuple[Tensor, _Pass]:
@@ -473,6 +481,79 @@ def _check_model(model: ITSAlignmentModel, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The prior (Millepede-II's presigma)
+
+
+@dataclass(frozen=True)
+class Presigma:
+    """A Gaussian prior on Theta around the nominal geometry (Theta = 0), Millepede-II's
+    ``presigma``: one pseudo-measurement ``theta_j = 0 +- sigma_j`` per parameter of every active
+    sensor, adding ``theta_j^2 / sigma_j^2`` to the chi2.
+
+    Attributes:
+        rot: sigma (rad) of each of the three rotation angles (alpha, beta, gamma); None: no
+            prior on them.
+        trans: sigma (mm) of each of the three translations (tau1, tau2, tau3); None: no prior
+            on them.
+
+    Isotropic: one sigma for the three components of each, so ``|omega|^2 / rot^2 + |tau|^2 /
+    trans^2`` does not depend on the orientation of the axes (global or a chip's local ones;
+    Theta's angles are small, so they are the components of a rotation vector). Theta's
+    translations are those of the global origin (``g = a_R g0 + a_T``), the parameters Millepede
+    fits in ``streamcal its export-mille``: a rotation ``omega`` of a chip about its own centre
+    ``c`` is ``tau = -omega x c`` and the prior counts both.
+
+    Units. The cost is ``C = 1/N sum_i chi2_i / nu_i`` (events ``i`` with ``nu_i > 0``); the
+    prior's chi2 ``P = sum_j theta_j^2 / sigma_j^2`` enters it as ``P / sum_i nu_i``
+    (:meth:`term`). This is exact when every event has the same ``nu`` (then ``C = chi2 /
+    sum_i nu_i``). In general event ``i``'s chi2 enters ``C`` with the factor ``1 / (N nu_i)``;
+    the information an event gives a parameter grows with its measurements, i.e. with ``nu_i``,
+    and the factors averaged with those weights are ``sum_i nu_i / (N nu_i) / sum_i nu_i = 1 /
+    sum_i nu_i``. With it a parameter that the data measure with the Fisher error ``s`` (``s^2 =
+    2 / (h sum_i nu_i)``, ``h`` the curvature of ``C`` along it) and put at ``theta_hat`` ends at
+    the precision-weighted mean ``theta_hat sigma^2 / (sigma^2 + s^2)``, one the data do not
+    measure at 0.
+    """
+
+    rot: float | None = None
+    trans: float | None = None
+
+    @classmethod
+    def build(cls, rot: Any, trans: Any, where: str) -> Presigma | None:
+        """The prior of ``rot`` (rad) and ``trans`` (mm), each a finite number > 0 or None; None
+        when both are None. Raises a ValueError naming the bad argument and ``where``."""
+        for name, val, unit in (("presigma_rot", rot, "rad"), ("presigma_trans", trans, "mm")):
+            if val is not None and not (isinstance(val, (int, float, np.integer, np.floating))
+                                        and not isinstance(val, (bool, np.bool_))
+                                        and math.isfinite(float(val)) and float(val) > 0):
+                raise ValueError(f"{where}: {name} must be a finite number > 0 ({unit}) or None, got {val!r}")
+        if rot is None and trans is None:
+            return None
+        return cls(None if rot is None else float(rot), None if trans is None else float(trans))
+
+    def weights(self) -> Tensor:
+        """(6,) ``1 / sigma^2`` per Theta component (0 where there is no prior)."""
+        w = [0.0 if self.rot is None else self.rot**-2] * 3 + [0.0 if self.trans is None else self.trans**-2] * 3
+        return torch.tensor(w, dtype=torch.float64)
+
+
+class _PriorTerm:
+    """The prior's term of the objective on the sensors ``active`` in units of C (:class:`Presigma`):
+    ``k sum_s,j w_j theta_sj^2`` with ``k = 1 / ndf``, its gradient and its (diagonal) curvature."""
+
+    def __init__(self, presigma: Presigma, active: np.ndarray, ndf: float) -> None:
+        self.scale = 1.0 / ndf
+        self.weight = presigma.weights()[None, :] * torch.from_numpy(active)[:, None].to(torch.float64)  # (N, 6)
+        self.curvature = 2.0 * self.scale * self.weight  # (N, 6): the diagonal of its Hessian
+
+    def value(self, theta: Tensor) -> float:
+        return self.scale * float((self.weight * theta * theta).sum())
+
+    def grad(self, theta: Tensor) -> Tensor:
+        return self.curvature * theta
+
+
+# ------------------------------------------------------------------------------------------------
 # The solver
 
 
@@ -508,8 +589,10 @@ class GNRecord:
 
     Attributes:
         iteration: 1-based.
-        cost_before, cost_after: C at the linearisation point and after the step.
-        predicted_change: the linearised problem's cost change of the step taken.
+        cost_before, cost_after: C at the linearisation point and after the step (the data's
+            cost, without the prior: comparable with runs without one).
+        predicted_change: the linearised problem's change of the objective (C plus the prior's
+            term) for the step taken.
         grad_norm: ``sqrt(g^T y0)`` at the linearisation point (projected, preconditioned).
         cg_iterations: CG iterations done; converged: whether ``tol`` was reached.
         step_scale: the fraction of the CG solution taken (halved while the cost rose).
@@ -518,6 +601,9 @@ class GNRecord:
         system_s: seconds of the pass for cost, gradient and blocks; time_s: since the start.
         coarse_size, coarse_dropped, coarse_seconds: the two-level preconditioner's coarse
             directions used, those without curvature left out, and the seconds for ``Z^T H Z``.
+        prior_before, prior_after: the prior's term (:class:`Presigma`) at the linearisation
+            point and after the step, in units of C (0 without a prior); the step halving compares
+            ``cost + prior``.
         cg: the CG iterations.
     """
 
@@ -536,6 +622,8 @@ class GNRecord:
     coarse_size: int = 0
     coarse_dropped: int = 0
     coarse_seconds: float = 0.0
+    prior_before: float = 0.0
+    prior_after: float = 0.0
     cg: list[CGRecord] = field(default_factory=list)
 
 
@@ -546,11 +634,14 @@ class RefineResult:
     Attributes:
         theta: (N, 6) the refined Theta.
         theta_start: (N, 6) the start, on the constraint surface.
-        cost_start, cost: C at the start and at ``theta``.
+        cost_start, cost: C at the start and at ``theta`` (the data's cost, without the prior).
         start_correction: max |change| that put the given start on the constraint surface.
         events, tracks: the data's events with nu > 0 and tracks.
         passes: passes over the data; seconds: wall time.
         gn: per Gauss-Newton iteration, with its CG iterations.
+        presigma: the prior (None: none); prior_start, prior: its term at the start and at
+            ``theta`` in units of C (the minimised objective is ``cost + prior``); ndf: the data's
+            ``sum_i nu_i`` (the prior's scale is its inverse).
     """
 
     theta: Tensor
@@ -563,12 +654,18 @@ class RefineResult:
     passes: int
     seconds: float
     gn: list[GNRecord] = field(default_factory=list)
+    presigma: Presigma | None = None
+    prior_start: float = 0.0
+    prior: float = 0.0
+    ndf: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (without the Theta arrays)."""
         return {
             "cost_start": self.cost_start, "cost": self.cost, "cost_change": self.cost - self.cost_start,
             "cost_change_times_events": (self.cost - self.cost_start) * self.events,
+            "presigma": None if self.presigma is None else asdict(self.presigma),
+            "prior_start": self.prior_start, "prior": self.prior, "ndf": self.ndf,
             "start_correction": self.start_correction, "events": self.events, "tracks": self.tracks,
             "passes": self.passes, "seconds": self.seconds, "gn": [asdict(g) for g in self.gn],
         }
@@ -737,6 +834,8 @@ def refine(
     sensors: Sequence[int] | np.ndarray | None = None,
     max_halvings: int = 3,
     coarse: np.ndarray | None = None,
+    presigma_rot: float | None = None,
+    presigma_trans: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_iteration: Callable[[CGRecord], None] | None = None,
@@ -774,6 +873,13 @@ def refine(
             the rigid-body modes of each layer), combined with block Jacobi within the
             constraints (``_CoarseLevel``); costs m passes per Gauss-Newton iteration, saves the
             many CG iterations that collective motions of whole layers take under Jacobi alone.
+        presigma_rot, presigma_trans: a Gaussian prior towards the nominal geometry (Millepede's
+            presigma, :class:`Presigma`) on the active sensors: ``0 +- presigma_rot`` (rad) on each
+            rotation angle, ``0 +- presigma_trans`` (mm) on each translation, its chi2 in units of
+            C divided by the data's degrees of freedom ``sum_i nu_i``. It enters the objective
+            the steps minimise and compare (``C`` plus the prior's term), the gradient, ``H p``
+            and the diagonal blocks (so the preconditioner and the coarse level); C itself is
+            reported without it (``cost``, ``prior`` of the result). None (default): no prior.
         progress: tqdm bars; log: receives a line per Gauss-Newton iteration;
         on_iteration: called with every :class:`CGRecord`.
     """
@@ -790,6 +896,7 @@ def refine(
     for name, val in (("tol", tol), ("damping", damping)):
         if not (isinstance(val, (int, float)) and not isinstance(val, bool) and 0 <= val < 1):
             raise ValueError(f"{where}: {name} must be a number in [0, 1), got {val!r}")
+    presigma = Presigma.build(presigma_rot, presigma_trans, where)
     if coarse is not None:
         coarse = np.asarray(coarse, dtype=np.float64)
         if coarse.ndim != 2 or coarse.shape[0] != 6 * n or not np.isfinite(coarse).all():
@@ -830,17 +937,25 @@ def refine(
 
     cost_start = math.nan
     cost = math.nan
+    prior_start = 0.0
+    prior_now = 0.0
     for it in range(1, gn_iterations + 1):
         with bar(f"refine GN {it}: cost, gradient, blocks") as b:
             system = _system(src, b)
         passes += 1
         n_batches = n_batches if n_batches is not None else (b.n if progress else None)
-        if it == 1:
-            cost_start = system.cost
         cost = system.cost
         active = free & solve & (system.hits.numpy() >= min_sensor_hits)
+        prior = None if presigma is None else _PriorTerm(presigma, active, system.ndf)
+        prior_now = 0.0 if prior is None else prior.value(theta)
+        if it == 1:
+            cost_start, prior_start = cost, prior_now
+        g, blocks = system.grad, system.blocks
+        if prior is not None:
+            g = g + prior.grad(theta)
+            blocks = blocks + torch.diag_embed(prior.curvature)
         cons = constraints.with_free(active)
-        minv = _preconditioner(system.blocks, active, damping)
+        minv = _preconditioner(blocks, active, damping)
         proj = cons.projection(minv)
         act6 = torch.from_numpy(active)[:, None].to(torch.float64)
 
@@ -849,17 +964,22 @@ def refine(
 
         precond = jacobi
 
-        g = system.grad
         rec = GNRecord(it, cost, math.nan, 0.0, 0.0, 0, False, 1.0, 0.0, int(active.sum()), system.seconds,
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, prior_before=prior_now)
         records.append(rec)
-        say(f"GN {it}: C = {cost:.10g} ({system.events} events, {system.tracks} tracks, {int(active.sum())} active "
-            f"sensors), pass {system.seconds:.1f} s, cached {src.cached_bytes / 2**20:.0f} MB")
+        with_prior = "" if prior is None else f", prior term {prior_now:.6g} (C + prior {cost + prior_now:.10g})"
+        say(f"GN {it}: C = {cost:.10g}{with_prior} ({system.events} events, {system.tracks} tracks, "
+            f"{int(active.sum())} active sensors), pass {system.seconds:.1f} s, cached "
+            f"{src.cached_bytes / 2**20:.0f} MB")
         cg_bar = tqdm(total=cg_iterations, desc=f"refine GN {it}: CG", unit="it", disable=not progress)
+
+        def hessian(p: Tensor, b: Any, prior: _PriorTerm | None = prior) -> Tensor:
+            hp = _matvec(src, p, b)[0]
+            return hp if prior is None else hp + prior.curvature * p
 
         def matvec(p: Tensor, k: int) -> Tensor:
             with bar(f"CG {k}: H p") as b:
-                return _matvec(src, p, b)[0]
+                return hessian(p, b)
 
         if coarse is not None and coarse.shape[1]:
             t_c = time.perf_counter()
@@ -868,7 +988,7 @@ def refine(
                 def coarse_matvec(z: Tensor) -> Tensor:
                     cbar.update(1)
                     with bar("coarse: H z") as b:
-                        return _matvec(src, z, b)[0]
+                        return hessian(z, b)
 
                 cc = _CoarseLevel(coarse, cons, active, coarse_matvec)
             passes += cc.z.shape[1]
@@ -903,36 +1023,42 @@ def refine(
         # the step: exactly on the constraint surface (the CG iterates are, to rounding)
         step = cons.project(x)
         scale = 1.0
-        new_cost = cost
+        new_cost, new_prior = cost, prior_now
+        before = cost + prior_now  # the objective the step minimises
         for _ in range(max_halvings + 1):
             model.set_theta(theta + scale * step)
             with bar(f"refine GN {it}: cost") as b:
                 new_cost, _ = src.cost(b)
             passes += 1
-            if new_cost <= cost + 1e-12 * abs(cost) or not bool(step.abs().max() > 0):
+            new_prior = 0.0 if prior is None else prior.value(model.theta())
+            if new_cost + new_prior <= before + 1e-12 * abs(before) or not bool(step.abs().max() > 0):
                 break
             scale *= 0.5
         else:
             say(f"GN {it}: the cost rose for every step scale down to {scale * 2:g}; step not taken")
             model.set_theta(theta)
-            new_cost, scale = cost, 0.0
+            new_cost, new_prior, scale = cost, prior_now, 0.0
         rec.step_scale = scale
-        rec.cost_after = new_cost
+        rec.cost_after, rec.prior_after = new_cost, new_prior
         if scale != 1.0:  # q(s x) = s g.x + s^2 x.H x / 2 with x.H x = (r - g).x
             rec.predicted_change = float(scale * _dot(g, x) + 0.5 * scale**2 * _dot(r - g, x))
         rec.max_step = float((scale * step).abs().max())
         rec.time_s = time.perf_counter() - t_start
         theta = model.theta()
-        cost = new_cost
+        cost, prior_now = new_cost, new_prior
+        prior_change = "" if prior is None else (f", prior term {rec.prior_after:.6g} (change "
+                                                 f"{rec.prior_after - rec.prior_before:.4g})")
         say(f"GN {it}: {rec.cg_iterations} CG iterations (relative residual "
-            f"{sol.relative:.2e}), predicted dC = {rec.predicted_change:.4g}, "
+            f"{sol.relative:.2e}), predicted {'dC' if prior is None else 'd(C + prior)'} = "
+            f"{rec.predicted_change:.4g}, "
             f"actual {new_cost - rec.cost_before:.4g} (times events: "
-            f"{(new_cost - rec.cost_before) * system.events:.4g}), max |dTheta| {rec.max_step:.3g}")
+            f"{(new_cost - rec.cost_before) * system.events:.4g}){prior_change}, max |dTheta| {rec.max_step:.3g}")
         src.clear()  # Theta changed
     first = src.first
     assert first is not None
     return RefineResult(theta, theta_start, cost_start, cost, start_correction, first.events, first.tracks, passes,
-                        time.perf_counter() - t_start, records)
+                        time.perf_counter() - t_start, records, presigma=presigma, prior_start=prior_start,
+                        prior=prior_now, ndf=first.ndf)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1043,10 +1169,14 @@ class SpoolTracks:
 
 def _metrics_rows(result: RefineResult, events: int) -> list[dict[str, Any]]:
     """``metrics.jsonl`` records (``evaluation.read_metrics``): an end-of-epoch record per
-    Gauss-Newton iteration (epoch 0: the start) with the measured cost and ``events``, and a
-    synchronisation record per CG iteration with the cost the linearised problem predicts."""
+    Gauss-Newton iteration (epoch 0: the start) with the measured cost C and ``events`` (and,
+    with a prior, its term ``prior`` beside C), and a synchronisation record per CG iteration with
+    the cost the linearised problem predicts (C before the step plus the predicted change of the
+    objective, C plus the prior's term)."""
     rows: list[dict[str, Any]] = [{"epoch": 0, "epoch_cost": result.cost_start, "events": events, "time_s": 0.0,
                                    "kind": "start"}]
+    if result.presigma is not None:
+        rows[0]["prior"] = result.prior_start
     sync = 0
     for g in result.gn:
         for c in g.cg:
@@ -1057,6 +1187,8 @@ def _metrics_rows(result: RefineResult, events: int) -> list[dict[str, Any]]:
         rows.append({"epoch": g.iteration, "epoch_cost": g.cost_after, "events": events, "time_s": g.time_s,
                      "kind": "gauss-newton", "predicted_change": g.predicted_change,
                      "cg_iterations": g.cg_iterations})
+        if result.presigma is not None:
+            rows[-1]["prior"] = g.prior_after
     return rows
 
 
@@ -1075,11 +1207,15 @@ def refine_run(
     cache_precision: str = "float64",
     chunk_tracks: int = 4096,
     coarse: str = "none",
+    presigma_rot: float | None = None,
+    presigma_trans: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`refine` on a run directory of the alignment workers (``streamcal its refine``).
-    ``coarse``: the two-level preconditioner's coarse space, one of :data:`COARSE_SPACES`.
+    ``coarse``: the two-level preconditioner's coarse space, one of :data:`COARSE_SPACES`;
+    ``presigma_rot`` (rad), ``presigma_trans`` (mm): the prior towards the nominal geometry
+    (:class:`Presigma`; None: none), recorded in ``refine.json``'s ``options`` and ``presigma``.
 
     Reads ``run_dir/run.json`` (geometry, cost, constraints), starts from ``run_dir/theta.npy``,
     streams the spooled tracks (:class:`SpoolTracks`; the first ``events`` events) and writes
@@ -1124,6 +1260,7 @@ def refine_run(
     if coarse not in COARSE_SPACES:
         raise ValueError(f"refine_run: coarse must be one of {list(COARSE_SPACES)}, got {coarse!r}")
     basis = coarse_basis(geom, COARSE_SPACES[coarse]) if COARSE_SPACES[coarse] else None
+    Presigma.build(presigma_rot, presigma_trans, "refine_run")  # checked before the work
     solve = None
     if layers is not None:
         bad = [x for x in layers if not (isinstance(x, int) and 0 <= x < geom.n_layers)]
@@ -1146,8 +1283,8 @@ def refine_run(
 
         result = refine(model, tracks, constraints, gn_iterations=gn_iterations, cg_iterations=cg_iterations,
                         tol=tol, chunk_tracks=chunk_tracks, cache_mb=cache_mb, cache_precision=cache_precision,
-                        min_sensor_hits=min_sensor_hits, sensors=solve, coarse=basis, progress=progress, log=log,
-                        on_iteration=on_iteration)
+                        min_sensor_hits=min_sensor_hits, sensors=solve, coarse=basis, presigma_rot=presigma_rot,
+                        presigma_trans=presigma_trans, progress=progress, log=log, on_iteration=on_iteration)
     n_events = int(tracks.info.get("events", 0))
     metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in _metrics_rows(result, n_events)))
     np.save(out / THETA_NPY, result.theta.numpy())
@@ -1157,8 +1294,8 @@ def refine_run(
         "options": {"events": events, "gn_iterations": gn_iterations, "cg_iterations": cg_iterations, "tol": tol,
                     "min_hits": min_hits, "min_sensor_hits": min_sensor_hits,
                     "layers": None if layers is None else list(layers), "cache_mb": cache_mb,
-                    "cache_precision": cache_precision, "coarse": coarse,
-                    "chunk_tracks": chunk_tracks, "threads": torch.get_num_threads()},
+                    "cache_precision": cache_precision, "coarse": coarse, "presigma_rot": presigma_rot,
+                    "presigma_trans": presigma_trans, "chunk_tracks": chunk_tracks, "threads": torch.get_num_threads()},
         "constraints": {"modes": list(rc.constraints.modes), "fixed_layers": list(rc.constraints.fixed_layers)},
         "spool": tracks.info, "rejects": asdict(tracks.rejects),
         "seconds_per_pass": {"system": [g.system_s for g in result.gn],
