@@ -14,8 +14,11 @@ Theta and the optimiser steps: ``gn`` (default) preconditions by the per-sensor 
 blocks accumulated over the data seen, with the stochastic-approximation step ``n_b / N_seen``
 (recursive least squares: after one pass each worker holds the least-squares estimate of its
 partition, to first order); ``sgd`` is the seed's rule with fixed rates; ``adam``. Epoch 1 runs
-on the live stream; each message is also spooled to an Arrow IPC file, which epochs 2.. replay
-(memory stays bounded: a batch at a time).
+on the live stream. Each message is spooled twice: the hits as received to an Arrow IPC file
+(``*.arrows``, for ``streamcal its refine`` and ``its export-mille``), and the packed tracks with
+the cost's layout of them (``align.write_tracks``, ``*.tracks``, ~460 bytes per track in float32),
+which epochs 2.. replay without packing or laying out again. Memory stays bounded: the first
+``cache_mb`` of packed tracks are kept in memory, the rest is read back a record at a time.
 
 End of an epoch. A worker whose data has ended keeps taking part in the synchronisations with
 ``mu = 0, active = 0`` until every worker is inactive in the same all-reduce, so all leave the
@@ -57,8 +60,10 @@ from streamcal.detectors.its.align import (
     ThetaOptimizer,
     hessian_blocks,
     pack_tracks,
+    read_tracks,
     sgd_rates,
     theta_gradient,
+    write_tracks,
 )
 from streamcal.detectors.its.misalignment import RIGID_MODES, WEAK_MODES
 from streamcal.group import ReplicaGroup
@@ -264,7 +269,9 @@ class ITSAlignWorker(Stage):
         self._packed: dict[tuple[int, int], Any] = {}  # (incarnation, index in its spool) -> TrackBatch
         self._packed_bytes = 0
         self._packed_tracks = 0
-        self._repacked = 0  # replayed batches packed again (beyond cache_mb)
+        self._from_spool = 0  # replayed batches read from the packed spool (beyond cache_mb)
+        self._busy = 0.0  # seconds in _step during the current epoch
+        self.busy_s: list[float] = []  # per epoch
         # the spool of epoch 1 (one file per incarnation, so a restarted replica keeps the data
         # its previous incarnation received)
         base = cfg.spool_dir or (str(Path(cfg.run_dir) / "spool") if cfg.run_dir else "")
@@ -272,11 +279,17 @@ class ITSAlignWorker(Stage):
             base = tempfile.mkdtemp(prefix="streamcal-its-spool-")
         self.spool_dir = Path(base)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.spool_path = self.spool_dir / f"{self.ctx.stage}-{self.ctx.replica}.{self.ctx.incarnation}.arrows"
+        name = f"{self.ctx.stage}-{self.ctx.replica}.{self.ctx.incarnation}"
+        self.spool_path = self.spool_dir / f"{name}.arrows"
+        self.tracks_path = self.spool_dir / f"{name}.tracks"
         if self.ctx.incarnation == 0:
-            for old in self.spool_dir.glob(f"{self.ctx.stage}-{self.ctx.replica}.*.arrows"):
-                old.unlink()  # a previous run's data
+            for pattern in ("arrows", "tracks"):
+                for old in self.spool_dir.glob(f"{self.ctx.stage}-{self.ctx.replica}.*.{pattern}"):
+                    old.unlink()  # a previous run's data
+        # the hits as received (``streamcal its refine`` and ``export-mille`` read them) and the
+        # packed tracks the replayed epochs read (``align.write_tracks``)
         self._spool = pa.ipc.new_stream(str(self.spool_path), ITS_HITS.schema)
+        self._tracks = open(self.tracks_path, "wb", buffering=1 << 20)
         if self.ctx.incarnation:
             self._restore()
 
@@ -305,22 +318,27 @@ class ITSAlignWorker(Stage):
         self._step(batch, live=True, key=(self.ctx.incarnation, self._spooled))
         self._spooled += 1
 
-    def _step(self, hits: pa.RecordBatch, live: bool, key: tuple[int, int] | None = None) -> None:
+    def _step(self, data: pa.RecordBatch | Any, live: bool, key: tuple[int, int] | None = None) -> None:
+        """One step on ``data``: the hits as received (live) or, replayed, the TrackBatch read
+        from the packed spool (None when the batch is in the cache)."""
+        t_step = time.perf_counter()
         cfg: ITSAlignConfig = self.config
         tb = self._packed.get(key) if key is not None else None
-        if tb is None:
-            tb, cnt = pack_tracks(hits, self.geom, min_hits=cfg.min_hits, with_vertex=self.with_vertex)
-            if live:
-                self.rejects = self.rejects + cnt
+        if tb is None and live:
+            tb, cnt = pack_tracks(data, self.geom, min_hits=cfg.min_hits, with_vertex=self.with_vertex)
+            self.rejects = self.rejects + cnt
             # keep the packed tracks (and the model's layout cached on them) for the next epochs,
-            # within the memory budget; beyond it, later epochs pack the spool again
+            # within the memory budget; beyond it, later epochs read the packed spool
             size = sum(t.numel() * t.element_size() for t in (tb.sensor, tb.local, tb.mask, tb.event)) * 3
             if key is not None and self._packed_bytes + size <= cfg.cache_mb * 2**20:
                 self._packed[key] = tb
                 self._packed_bytes += size
                 self._packed_tracks += tb.n_tracks
-            if not live:
-                self._repacked += 1
+        elif tb is None:
+            if data is None:
+                raise RuntimeError(f"its_align: replayed batch {key} is neither cached nor read from the spool")
+            tb = data
+            self._from_spool += 1
         if tb.n_tracks:
             ev = tb.n_events
             gn = cfg.optimizer.method == "gn"
@@ -344,9 +362,12 @@ class ITSAlignWorker(Stage):
             s["mu"] += tb.n_tracks
             s["cost"] += cost * ev
             s["events"] += ev
+        if live:  # the packed tracks with the model's layout of them (built by the step)
+            write_tracks(self._tracks, tb, self.model.plan_tensors(tb) if tb.n_tracks else None)
         self._since["steps"] += 1
         self.steps += 1
         self.work += 1
+        self._busy += time.perf_counter() - t_step
         if self._since["steps"] >= cfg.tau:
             self._sync(active=True)
 
@@ -403,38 +424,42 @@ class ITSAlignWorker(Stage):
         row = {"epoch": self.epoch, "epoch_cost": e["cost"] / e["events"] if e["events"] else None,
                "events": e["events"], "time_s": round(time.monotonic() - self.t_start, 3)}
         self.epoch_costs.append(row)
+        self.busy_s.append(round(self._busy, 3))
+        self._busy = 0.0
         if self._metrics is not None:
             self._metrics.write(json.dumps(row) + "\n")
             self._metrics.flush()
         self.epoch_totals = dict(cost=0.0, events=0.0)
 
     def _replay(self, start: int):
-        """The spooled batches of every incarnation, in order, from position ``start``."""
+        """The spooled batches of every incarnation, in order, from position ``start``: (key,
+        TrackBatch), the batch None when the cache holds it (its record is skipped, not decoded).
+        Buffered reads, a record at a time (a memory map would keep the whole spool, GBs at the
+        seed's scale, resident in this process)."""
         k = 0
-        files = sorted(self.spool_dir.glob(f"{self.ctx.stage}-{self.ctx.replica}.*.arrows"),
+        files = sorted(self.spool_dir.glob(f"{self.ctx.stage}-{self.ctx.replica}.*.tracks"),
                        key=lambda p: int(p.suffixes[-2].lstrip(".")))
         for path in files:
             inc, j = int(path.suffixes[-2].lstrip(".")), 0
             try:
-                # buffered reads, a batch at a time: a memory map would keep the whole spool
-                # (GBs at the seed's scale) resident in this process
-                reader = pa.ipc.open_stream(pa.input_stream(str(path), buffer_size=1 << 20))
-                while True:
-                    try:
-                        batch = reader.read_next_batch()
-                    except StopIteration:
-                        break
-                    if k >= start:
-                        yield (inc, j), batch
-                    k += 1
-                    j += 1
-            except (pa.ArrowInvalid, OSError) as exc:  # the tail a killed incarnation left unfinished
+                with open(path, "rb", buffering=1 << 20) as f:
+                    while True:
+                        cached = (inc, j) in self._packed
+                        tb = read_tracks(f, skip=cached or k < start, model=self.model)
+                        if tb is None:
+                            break
+                        if k >= start:
+                            yield (inc, j), None if cached else tb
+                        k += 1
+                        j += 1
+            except (ValueError, OSError) as exc:  # the tail a killed incarnation left unfinished
                 self.log.warning("spool %s: read up to a damaged tail (%s)", path.name, exc)
 
     # ------------------------------------------------------------------ end of stream: the other epochs
     def finish(self) -> None:
         cfg: ITSAlignConfig = self.config
         self._spool.close()
+        self._tracks.close()
         if self.epoch == 1:
             self._drain_epoch()
             self.epoch = 2
@@ -489,4 +514,5 @@ class ITSAlignWorker(Stage):
                 "epoch_cost": [e["epoch_cost"] for e in self.epoch_costs], "rejects": rej,
                 "published": self.published, "group": self.group.stats(), "pid": os.getpid(),
                 "cache": {"batches": len(self._packed), "tracks": self._packed_tracks,
-                          "mb": round(self._packed_bytes / 2**20, 3), "repacked_batches": self._repacked}}
+                          "mb": round(self._packed_bytes / 2**20, 3), "spool_batches": self._from_spool},
+                "busy_s": self.busy_s}

@@ -105,6 +105,7 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -589,6 +590,7 @@ def _line_fit(sarc: Tensor, z: Tensor, w: Tensor, wv: Tensor) -> dict[str, Tenso
 # Row order of the per-hit coordinates in the fast path: z, x, y, then r^2 = x^2 + y^2, so that
 # rows 0..2 are the position and rows 1..3 the (x, y, r^2) of the circle fit, both contiguous.
 _ZXY = (2, 0, 1)
+_CHUNK_FIELDS = ("idx", "sid", "st", "pos", "eu", "ms_index", "scale", "event", "mask")
 # Phi (N, 9) = (w11, w21, w12, w22, w13, w23, b1, b2, b3) as (3 local axes k, 3 [W[:, 0], W[:, 1], b]):
 # row k holds W[k, 0], W[k, 1], b[k]
 _PHI_COLUMNS = torch.tensor([0, 1, 6, 2, 3, 7, 4, 5, 8])
@@ -1036,6 +1038,101 @@ class ITSAlignmentModel(nn.Module):
                 mask=None if bool(mk.all()) else mk.to(dt).contiguous(),
             ))
         return _Plan(key, chunks, ndf, ev_ndf, int(nh.sum()))
+
+    @torch.no_grad()
+    def hit_derivatives(self, batch: TrackBatch, chunk_tracks: int = 8192) -> Iterator[tuple[Tensor, ...]]:
+        """What the Gauss-Newton blocks need of every hit at the current Phi, from the fast
+        path's layout (built and cached as by :meth:`forward`), per chunk of ``m`` hit slots:
+        ``(sensor (m,), g (3, m), d_e (3, m), d_rz (3, m), w_e (m,), w_rz (m,))`` in float64 with
+        ``g`` the hit's global position (x, y, z), ``d_e``, ``d_rz`` the derivatives of its two
+        residuals w.r.t. ``g`` at fixed track parameters and ``w = 2 c_t w_hit`` their weights
+        in C (``c_t = dC/dchi2`` of the track; 0 on padding slots)."""
+        dt = torch.float64 if self.config.precision == "float64" else torch.float32
+        plan = self._plan(batch, chunk_tracks, dt, True, "ITSAlignmentModel.hit_derivatives")
+        tab = self._displacement_table(self.phi.detach(), dt)
+        stored: list[Any] = [None] * len(plan.chunks)
+        shifts: list[Tensor | None] = [None] * len(plan.chunks)
+        if self.config.vertex == "fit":
+            stored, shifts = self._fast_vertex(plan, tab, batch.n_events)
+        ref = self._vertex(batch, None, torch.float64)[:, list(_ZXY)]  # (T, 3) z, x, y
+        f64 = torch.float64
+        for ch, st, sh in zip(plan.chunks, stored, shifts):
+            b = self._fast_positions(ch, tab, sh)
+            w_xy, w_z, wv_xy, wv_z = st if st is not None else self._fast_pass1(b, ch)[0]
+            z, x, y, _ = b.unbind(0)
+            mean, cov, _ = _dense_moments(b[1:], w_xy, wv_xy)
+            k64, c64, s64, d64 = _karimaki_solve(mean, cov)
+            k, c, s, d = (q.to(dt) for q in (k64, c64, s64, d64))
+            arc, qx, qy, chord, a = _dense_arc(x, y, k, c, s, d)
+            tl = _dense_line(arc, z, w_z, wv_z)[1].to(dt)
+            f = tl / (chord * (1.0 - a * a).sqrt())  # tan(lambda) |ds/dq| / |q|
+            origin = ref.index_select(0, ch.idx).t()  # (3, T) z, x, y
+            if sh is not None:
+                origin = origin + sh.to(f64)
+            g = torch.stack([x.to(f64) + origin[1], y.to(f64) + origin[2], z.to(f64) + origin[0]]).reshape(3, -1)
+            d_e = torch.stack([2 * k * x + s, 2 * k * y - c, torch.zeros_like(x)]).to(f64).reshape(3, -1)
+            d_z = torch.stack([-f * qx, -f * qy, torch.ones_like(x)]).to(f64).reshape(3, -1)
+            sc = 2.0 * ch.scale.to(f64)
+            yield (ch.sid, g, d_e, d_z, (w_xy.to(f64) * sc).reshape(-1), (w_z.to(f64) * sc).reshape(-1))
+
+    def plan_tensors(self, batch: TrackBatch, chunk_tracks: int = 8192) -> list[Tensor]:
+        """The batch's Phi-independent layout (:meth:`forward`'s per-batch cache, built if need
+        be) as a flat list of tensors, to be stored with the batch and given back to
+        :meth:`attach_plan` (a replay then skips building it). It holds for this model's
+        geometry, configuration and precision only."""
+        dt = torch.float64 if self.config.precision == "float64" else torch.float32
+        plan = self._plan(batch, chunk_tracks, dt, True, "ITSAlignmentModel.plan_tensors")
+        out = [plan.ndf, plan.ev_ndf, torch.tensor([plan.n_hits, len(plan.chunks)])]
+        for ch in plan.chunks:
+            out += [getattr(ch, name) if getattr(ch, name) is not None else torch.zeros(0, dtype=dt)
+                    for name in _CHUNK_FIELDS]
+        return out
+
+    def attach_plan(self, batch: TrackBatch, tensors: Sequence[Tensor], chunk_tracks: int = 8192) -> None:
+        """Give ``batch`` the layout :meth:`plan_tensors` made of the same tracks (by this
+        model's configuration) as its cached layout. The list's structure, dtypes and shapes are
+        checked against the batch (ValueError naming the part), not the values: a layout stored
+        with other tracks gives a wrong cost."""
+        where = "ITSAlignmentModel.attach_plan"
+        self._check_batch(batch, where)
+        dt = torch.float64 if self.config.precision == "float64" else torch.float32
+        t, e = batch.n_tracks, batch.n_events
+        tensors = list(tensors)
+        if len(tensors) < 3 or tuple(tensors[2].shape) != (2,):
+            raise ValueError(f"{where}: not a layout of plan_tensors (got {len(tensors)} tensors)")
+        n_hits, n_chunks = (int(v) for v in tensors[2])
+        if len(tensors) != 3 + n_chunks * len(_CHUNK_FIELDS):
+            raise ValueError(f"{where}: {len(tensors)} tensors for {n_chunks} chunks (expected "
+                             f"{3 + n_chunks * len(_CHUNK_FIELDS)})")
+        ndf, ev_ndf = tensors[0], tensors[1]
+        if tuple(ndf.shape) != (t,) or tuple(ev_ndf.shape) != (e,):
+            raise ValueError(f"{where}: ndf / ev_ndf of shapes {tuple(ndf.shape)} / {tuple(ev_ndf.shape)} for a batch "
+                             f"of {t} tracks and {e} events")
+        if n_hits != int(batch.mask.sum()):
+            raise ValueError(f"{where}: the layout has {n_hits} hits, the batch {int(batch.mask.sum())}")
+        chunks, covered = [], 0
+        for c in range(n_chunks):
+            f = dict(zip(_CHUNK_FIELDS, tensors[3 + c * len(_CHUNK_FIELDS): 3 + (c + 1) * len(_CHUNK_FIELDS)]))
+            n, tc = (f["st"].shape[1], f["st"].shape[2]) if f["st"].ndim == 3 else (-1, -1)
+            shapes = {"idx": (tc,), "sid": (n * tc,), "st": (2, n, tc), "pos": (3, n, tc), "eu": (2, n, tc),
+                      "ms_index": (n * tc,), "scale": (tc,), "event": (tc,)}
+            for name, shape in shapes.items():
+                if tuple(f[name].shape) != shape:
+                    raise ValueError(f"{where}: chunk {c}: {name} of shape {tuple(f[name].shape)}, expected {shape}")
+            for name in ("st", "pos", "eu"):
+                if f[name].dtype != dt:
+                    raise ValueError(f"{where}: chunk {c}: {name} is {f[name].dtype}, the model computes in {dt}")
+            mask = f["mask"] if f["mask"].numel() else None
+            if mask is not None and (tuple(mask.shape) != (n, tc) or mask.dtype != dt):
+                raise ValueError(f"{where}: chunk {c}: mask of {mask.dtype} {tuple(mask.shape)}, expected {dt} {(n, tc)}")
+            covered += tc
+            chunks.append(_Chunk(idx=f["idx"].long(), sid=f["sid"].long(), st=f["st"], pos=f["pos"], eu=f["eu"],
+                                 ms_index=f["ms_index"].long(), scale=f["scale"].double(), event=f["event"].long(),
+                                 mask=mask))
+        if covered != t:
+            raise ValueError(f"{where}: the chunks hold {covered} tracks, the batch {t}")
+        key = self._plan_key(batch, chunk_tracks, dt)
+        batch.__dict__["_fast_plan"] = _Plan(key, chunks, ndf.double(), ev_ndf.double(), n_hits)
 
     def _rot_zxy(self) -> Tensor:
         """R_G component-major (3 [z, x, y], 3, N), cached while ``rot_geom`` is unchanged."""

@@ -15,21 +15,28 @@ replay each worker's spool and are the alignment's own throughput: per case the 
 * ``speedup``: over M = 1; ``syncs`` and the all-reduce count per epoch;
 * ``peak_rss_mb``: the largest peak resident memory of a worker process (the issue's limit:
   4 GB per worker) and of the source;
+* ``epoch1_tracks_per_s``: epoch 1's own rate, the tracks of epoch 1 over the busiest worker's time
+  in its steps (packing the hits, spooling the packed tracks, the Gauss-Newton blocks, the
+  steps), without the wait for the simulated stream (the seed's data is recorded: it would not
+  wait);
 * ``seed_workload_h``: the seed's training (5M events x 8 tracks, 45 epochs; ~2 weeks on an
-  Intel i7 in the seed) extrapolated from ``tracks_per_s`` (the tracks per event that pass the
-  selection are measured here), beside the seed's 336 h. This assumes every replayed track is
+  Intel i7 in the seed) extrapolated from these rates: epoch 1 at ``epoch1_tracks_per_s``, the
+  other 44 at ``tracks_per_s``, beside the seed's 336 h. This assumes every replayed track is
   cached, as it is here (``cache_mb`` holds the benchmark's sample);
 * ``seed_workload_h_seed_scale``: the same at the seed's scale, where each worker's cache of
   packed tracks (``--cache-mb``, the workers' ``cache_mb``) holds only part of its partition and
-  the rest of the spool is packed again in every replayed epoch. Every case is run a second time
-  with ``cache_mb: 0`` (``tracks_per_s_uncached``: every replayed batch packed again), the cache's
-  size per track is measured (``cache_bytes_per_track``, the workers' own accounting), and::
+  the rest is read from the packed spool in every replayed epoch. Every case is run a second time
+  with ``cache_mb: 0`` (``tracks_per_s_uncached``: every replayed batch read from the spool), the
+  cache's size per track is measured (``cache_bytes_per_track``, the workers' own accounting),
+  and::
 
       f = min(1, M * cache_mb / cache_bytes_per_track / (5M * 8))   # cached share of an epoch
-      seed_workload_h_seed_scale = 45 * 5M * 8 * (f / tracks_per_s + (1 - f) / tracks_per_s_uncached) / 3600
+      seed_workload_h_seed_scale = 5M * 8 * (1 / epoch1_tracks_per_s
+                                   + 44 * (f / tracks_per_s + (1 - f) / tracks_per_s_uncached)) / 3600
 
-  Neither figure counts the live first epoch's extra work (the Gauss-Newton blocks accumulated
-  per step), which the benchmark cannot separate from the simulation.
+  The packed spool is ~160 bytes per track (6.4 GB for the seed's 40M tracks): the page cache
+  holds it on a machine with that much free memory, as here; ``spool_mb_per_s`` is the rate at
+  which the spool was read back in the uncached run, for comparison with the disk's.
 
 On a 2-core machine M = 4 shares two cores between four workers: it shows the synchronisation
 overhead, not a speed-up. The machine's load average is printed before and after.
@@ -58,7 +65,7 @@ GEOMETRIES = {
 
 
 def graph(run_dir: Path, geometry: str, workers: int, events: int, epochs: int, tau: int, per_message: int,
-          threads: int, min_hits: int, cache_mb: float) -> str:
+          threads: int, min_hits: int, cache_mb: float, precision: str = "float64") -> str:
     parts = ", ".join(["1.0"] * workers)
     return textwrap.dedent(f"""
     settings: {{interface: 127.0.0.1, stall_timeout_s: 600}}
@@ -83,6 +90,7 @@ def graph(run_dir: Path, geometry: str, workers: int, events: int, epochs: int, 
           epochs: {epochs}
           threads: {threads}
           min_hits: {min_hits}
+          model: {{precision: {precision}}}
           cache_mb: {cache_mb}
           publish_every: 1000000
           run_dir: {run_dir}
@@ -105,7 +113,7 @@ def run_graph_case(args: argparse.Namespace, workers: int, tau: int, run_dir: Pa
 
     spec = parse_graph(graph(run_dir, GEOMETRIES[args.geometry], workers, args.events, args.epochs, tau,
                              args.events_per_message, args.threads,
-                             args.min_hits or (3 if args.geometry == "ib" else 4), cache_mb))
+                             args.min_hits or (3 if args.geometry == "ib" else 4), cache_mb, args.precision))
     t0 = time.monotonic()
     res = run_graph(spec, print_summary=False, progress=False)
     wall = time.monotonic() - t0
@@ -122,6 +130,10 @@ def run_graph_case(args: argparse.Namespace, workers: int, tau: int, run_dir: Pa
     source = [r for r in res.reports if r["metrics"]["stage"] == "tracks"][0]
     caches = [r["summary"]["cache"] for r in workers_rep]
     cached_tracks = sum(c["tracks"] for c in caches)
+    # epoch 1's own work (packing, spooling, the Gauss-Newton blocks, the steps; not the wait for
+    # the simulated stream): the busiest worker's time in its steps
+    busy1 = max(r["summary"]["busy_s"][0] for r in workers_rep)
+    spool_mb = sum(p.stat().st_size for p in (run_dir / "spool").glob("*.tracks")) / 2**20
     return {
         "wall_s": round(wall, 2),
         "epoch_end_s": t_end,
@@ -135,7 +147,11 @@ def run_graph_case(args: argparse.Namespace, workers: int, tau: int, run_dir: Pa
         "peak_rss_mb_source": round(source["peak_rss_mb"], 1),
         "cached_tracks": cached_tracks,
         "cache_bytes_per_track": round(sum(c["mb"] for c in caches) * 2**20 / cached_tracks, 1) if cached_tracks else None,
-        "repacked_batches": sum(c["repacked_batches"] for c in caches),
+        "spool_batches": sum(c["spool_batches"] for c in caches),
+        "epoch1_busy_s": busy1,
+        "spool_mb": round(spool_mb, 1),
+        "spool_mb_per_s": round(spool_mb * len(replay) / replay_s, 1) if replay_s > 0 else float("nan"),
+        "epoch1_tracks_per_s": round(tracks[1] / busy1, 1) if busy1 > 0 else float("nan"),
     }
 
 
@@ -148,6 +164,7 @@ def run_case(args: argparse.Namespace, workers: int, tau: int, base: Path) -> di
     tps, tps0 = cached["tracks_per_s"], uncached["tracks_per_s"]
     per_track = cached["cache_bytes_per_track"]
     frac = min(1.0, workers * args.cache_mb * 2**20 / per_track / seed_tracks) if per_track else 0.0
+    ep1 = cached["epoch1_tracks_per_s"]
     case = {"workers": workers, "tau": tau, "cache_mb": args.cache_mb,
             "run_dir": str(base / f"m{workers}_tau{tau}") if args.keep else None, **cached}
     case.update({
@@ -155,10 +172,12 @@ def run_case(args: argparse.Namespace, workers: int, tau: int, base: Path) -> di
         "wall_s_uncached": uncached["wall_s"],
         "peak_rss_mb_worker_max_uncached": uncached["peak_rss_mb_worker_max"],
         "seed_cached_fraction": round(frac, 4),
-        "seed_workload_h": round(seed_tracks * SEED_EPOCHS / tps / 3600.0, 2) if tps == tps else None,
-        "seed_workload_h_seed_scale": round(seed_tracks * SEED_EPOCHS * (frac / tps + (1 - frac) / tps0) / 3600.0, 2)
-        if tps == tps and tps0 == tps0 else None,
-        "seed_workload_formula": "45 * 5e6 * 8 * (f / tracks_per_s + (1 - f) / tracks_per_s_uncached) / 3600, "
+        "seed_workload_h": round(seed_tracks * (1 / ep1 + (SEED_EPOCHS - 1) / tps) / 3600.0, 2)
+        if tps == tps and ep1 == ep1 else None,
+        "seed_workload_h_seed_scale": round(seed_tracks * (1 / ep1 + (SEED_EPOCHS - 1) * (frac / tps + (1 - frac) / tps0))
+                                            / 3600.0, 2) if tps == tps and tps0 == tps0 and ep1 == ep1 else None,
+        "seed_workload_formula": "5e6 * 8 * (1 / epoch1_tracks_per_s + 44 * (f / tracks_per_s + (1 - f) / "
+                                 "tracks_per_s_uncached)) / 3600, "
                                  "f = min(1, M * cache_mb * 2**20 / cache_bytes_per_track / (5e6 * 8))",
         "seed_workload_h_seed": SEED_HOURS,
     })
@@ -177,6 +196,8 @@ def main() -> None:
     ap.add_argument("--min-hits", type=int, default=None, help="hits per track (default: 3 for ib, 4 for full)")
     ap.add_argument("--cache-mb", type=float, default=1024.0,
                     help="the workers' cache of packed tracks (cache_mb); every case also runs with 0")
+    ap.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                    help="the workers' per-hit arithmetic (model.precision)")
     ap.add_argument("--keep", type=Path, help="keep the runs' directories here (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()

@@ -13,6 +13,7 @@ on CPU in float64 (a few thousand tracks)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,8 @@ from streamcal.detectors.its.align import (
     measurement_residuals,
     normal_equations,
     pack_tracks,
+    read_tracks,
+    write_tracks,
     reference_solution,
     run_epoch,
     sgd_rates,
@@ -209,6 +212,85 @@ def test_pack_tracks_drops_tracks_with_too_few_or_too_many_hits(geom, clean_hits
     assert cnt_min.tracks_too_few_hits == int((counts < 6).sum())
     total = cnt_min + cnt_many
     assert isinstance(total, RejectCounts) and total.tracks_in == 2 * cnt.tracks_in
+
+
+def test_packed_track_records_round_trip_and_a_damaged_tail_is_named(geom, clean_hits, tmp_path):
+    """``write_tracks`` / ``read_tracks``: the batch back bit for bit (with and without the
+    vertex, and an empty one), records skipped without decoding, the real hits only on disk
+    (20 bytes per hit plus 5 per track and 24 per event), and a file cut inside a record or not
+    holding records raises ValueError naming the byte offset."""
+    with_vtx, _ = pack_tracks(clean_hits, geom, min_hits=3)
+    no_vtx, _ = pack_tracks(clean_hits, geom, min_hits=3, with_vertex=False)
+    empty, _ = pack_tracks(clean_hits, geom, min_hits=16)
+    assert empty.n_tracks == 0 and with_vtx.n_tracks > 100
+    path = tmp_path / "t.tracks"
+    sizes = []
+    with open(path, "wb") as f:
+        for b in (with_vtx, no_vtx, empty, with_vtx):
+            sizes.append(write_tracks(f, b))
+    h, t, e = int(with_vtx.mask.sum()), with_vtx.n_tracks, with_vtx.n_events
+    assert sizes[0] == 28 + 20 * h + 5 * t + 24 * e and sizes[1] == sizes[0] - 24 * e
+    assert path.stat().st_size == sum(sizes)
+    with open(path, "rb") as f:
+        back = [read_tracks(f), read_tracks(f), read_tracks(f, skip=True), read_tracks(f), read_tracks(f)]
+    assert back[-1] is None and back[2].n_tracks == 0
+    for got, want in ((back[0], with_vtx), (back[1], no_vtx), (back[3], with_vtx)):
+        for name in ("sensor", "local", "mask", "event"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert got.n_events == want.n_events
+        assert (got.vertex is None) == (want.vertex is None)
+        if want.vertex is not None:
+            assert torch.equal(got.vertex, want.vertex)
+    with open(path, "rb") as f:
+        read_tracks(f, skip=True)
+        assert read_tracks(f).vertex is None
+    # a writer that died inside the second record
+    cut = tmp_path / "cut.tracks"
+    cut.write_bytes(path.read_bytes()[: sizes[0] + 100])
+    for skip in (False, True):
+        with open(cut, "rb") as f:
+            assert read_tracks(f).n_tracks == t
+            with pytest.raises(ValueError, match=f"record at byte {sizes[0]} is cut short"):
+                read_tracks(f, skip=skip)
+    cut.write_bytes(path.read_bytes()[: sizes[0] + 10])
+    with open(cut, "rb") as f, pytest.raises(ValueError, match=f"header cut short at byte {sizes[0]}"):
+        read_tracks(f, skip=True) and read_tracks(f)
+    foreign = tmp_path / "foreign.tracks"
+    foreign.write_bytes(b"PAR1" + bytes(100))
+    with open(foreign, "rb") as f, pytest.raises(ValueError, match="no track record at byte 0"):
+        read_tracks(f)
+    shuffled = TrackBatch(with_vtx.sensor.flip(1), with_vtx.local.flip(1), with_vtx.mask.flip(1), with_vtx.event,
+                          with_vtx.n_events, with_vtx.vertex)
+    with open(tmp_path / "bad.tracks", "wb") as f, pytest.raises(ValueError, match="real hits must come first"):
+        write_tracks(f, shuffled)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_a_stored_layout_is_attached_and_used_as_built(geom, clean_hits, tmp_path, precision):
+    """The model's layout stored with the tracks (``plan_tensors`` -> ``write_tracks`` ->
+    ``read_tracks(model=...)``) is the batch's cached layout after reading (not built again) and
+    gives the same cost and gradient as the layout built from the hits; a layout of other
+    tracks is refused with the part that does not fit."""
+    model = ITSAlignmentModel.from_geometry(geom, replace(COST, precision=precision))
+    model.set_theta(torch.from_numpy(np.random.default_rng(2).normal(0, 1e-3, (geom.n_sensors, 6))))
+    batch, _ = pack_tracks(clean_hits, geom, min_hits=3)
+    other, _ = pack_tracks(clean_hits, geom, min_hits=4)
+    path = tmp_path / "t.tracks"
+    with open(path, "wb") as f:
+        write_tracks(f, batch, model.plan_tensors(batch))
+        write_tracks(f, other, model.plan_tensors(other))
+    c_built, g_built = theta_gradient(model, batch)
+    with open(path, "rb") as f:
+        back = read_tracks(f, model=model)
+        second = read_tracks(f)  # without a model the layout is passed over
+        assert second.n_tracks == other.n_tracks and "_fast_plan" not in second.__dict__
+        assert read_tracks(f) is None
+    plan = back.__dict__["_fast_plan"]
+    c_read, g_read = theta_gradient(model, back)
+    assert back.__dict__["_fast_plan"] is plan  # used as attached
+    assert c_read == c_built and torch.equal(g_read, g_built)
+    with pytest.raises(ValueError, match="attach_plan: .*hits|attach_plan: ndf"):
+        model.attach_plan(back, model.plan_tensors(other))
 
 
 def test_pack_tracks_input_errors_name_the_problem(geom, clean_hits):

@@ -27,7 +27,7 @@ GEOMETRY = "{layers: 3, chips_u: [1, 1, 1], chips_v: [2, 2, 2]}"  # the ITS2 inn
 
 
 def graph(run_dir, *, replicas=1, partitions="[1.0]", events=3000, epochs=3, tau=2, restarts=0, stall=60,
-          optimizer="{method: gn}") -> str:
+          optimizer="{method: gn}", cache_mb=1024.0) -> str:
     return textwrap.dedent(f"""
     settings: {{interface: 127.0.0.1, stall_timeout_s: {stall}}}
     stages:
@@ -53,6 +53,7 @@ def graph(run_dir, *, replicas=1, partitions="[1.0]", events=3000, epochs=3, tau
           min_hits: 3
           threads: 1
           optimizer: {optimizer}
+          cache_mb: {cache_mb}
           run_dir: {run_dir}
         inputs: {{hits: hits}}
         outputs: {{out: constants}}
@@ -98,6 +99,36 @@ def test_one_worker_approaches_the_exact_minimum_and_stores_its_constants(tmp_pa
     stored = np.stack([np.asarray(table.column(c)) for c in ("alpha", "beta", "gamma", "tau1", "tau2", "tau3")], 1)
     np.testing.assert_array_equal(stored, np.load(tmp_path / "theta.npy"))
     assert (tmp_path / "run.json").exists() and (tmp_path / "theta_true.npy").exists()
+
+
+def test_replayed_epochs_read_the_packed_spool_and_give_the_cached_result(tmp_path):
+    """Epochs 2.. replay the packed tracks that epoch 1 spooled (``align.write_tracks``): with no
+    cache (every replayed batch read from the spool), with part of the data cached and with all
+    of it cached, the constants are the same to the last bit; the spool's records are the
+    batches ``pack_tracks`` makes of the hits as received."""
+    from streamcal.detectors.its.align import read_tracks
+
+    thetas, summaries = {}, {}
+    for name, mb in (("none", 0.0), ("part", 0.4), ("all", 1024.0)):
+        res = run_graph_local(graph(tmp_path / name, cache_mb=mb, events=2000))
+        summaries[name] = res.stage("align").summary()
+        thetas[name] = np.load(tmp_path / name / "theta.npy")
+    n_batches = 2000 // 250
+    assert summaries["none"]["cache"]["batches"] == 0
+    assert summaries["none"]["cache"]["spool_batches"] == 2 * n_batches  # epochs 2 and 3
+    assert 0 < summaries["part"]["cache"]["batches"] < n_batches
+    assert summaries["all"]["cache"]["spool_batches"] == 0
+    np.testing.assert_array_equal(thetas["none"], thetas["all"])
+    np.testing.assert_array_equal(thetas["part"], thetas["all"])
+    assert len(summaries["all"]["busy_s"]) == 3 and all(b > 0 for b in summaries["all"]["busy_s"])
+    geom = res.stage("align").geom
+    raw = spooled(tmp_path / "all", geom)
+    with open(tmp_path / "all" / "spool" / "align-0.0.tracks", "rb") as f:
+        packed = [tb for tb in iter(lambda: read_tracks(f), None)]
+    assert len(packed) == len(raw) == n_batches
+    for a, b in zip(packed, raw):
+        for field in ("sensor", "local", "mask", "event", "vertex"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
 def test_the_seeds_sgd_at_automatic_rates_and_gauss_newton_with_momentum_both_converge(tmp_path):

@@ -88,9 +88,10 @@ configured resolution).
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -113,6 +114,8 @@ from streamcal.models.its_alignment import (
 __all__ = [
     "RejectCounts",
     "pack_tracks",
+    "write_tracks",
+    "read_tracks",
     "Constraints",
     "Projection",
     "batch_weights",
@@ -326,6 +329,145 @@ def pack_tracks(
         vertex=vertex,
     )
     return batch, cnt
+
+
+# A packed-track record: the header, then nh (T,) uint8, event (T,) int32, sensor (H,) int32,
+# local (H, 2) float64 and, with the vertex flag, vertex (E, 3) float64; H = sum(nh) real hits.
+# With the layout flag: the count of tensors (uint32), a header per tensor (dtype code, ndim,
+# shape) and their data (int64 stored as int32).
+_TRACKS_MAGIC = b"SCTRACK1"
+_TRACKS_HEAD = struct.Struct("<8sIIIII")  # magic, n_events, n_tracks, n_hits, max hits K, flags
+_HAS_VERTEX, _HAS_LAYOUT = 1, 2
+_TENSOR_HEAD = struct.Struct("<BBxx4I")  # dtype code, ndim, shape (up to 4 dims)
+_TENSOR_CODES = {1: (torch.int64, np.int32), 2: (torch.float32, np.float32), 3: (torch.float64, np.float64),
+                 4: (torch.int32, np.int32)}
+
+
+def _encode_tensors(tensors: Sequence[Tensor]) -> list[np.ndarray]:
+    heads, datas = [], []
+    for i, t in enumerate(tensors):
+        code = next((c for c, (td, _) in _TENSOR_CODES.items() if td == t.dtype), None)
+        if code is None or t.ndim > 4:
+            raise ValueError(f"write_tracks: layout tensor {i}: {t.dtype} of {t.ndim} dimensions cannot be stored")
+        a = t.detach().cpu().numpy()
+        if code == 1:
+            if a.size and (a.min() < -2**31 or a.max() >= 2**31):
+                raise ValueError(f"write_tracks: layout tensor {i}: int64 values beyond the int32 range")
+            a = a.astype(np.int32)
+        shape = list(a.shape) + [0] * (4 - a.ndim)
+        heads.append(np.frombuffer(_TENSOR_HEAD.pack(code, a.ndim, *shape), np.uint8))
+        datas.append(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return [np.array([len(tensors)], np.uint32).view(np.uint8), *heads, *datas]
+
+
+def write_tracks(f: BinaryIO, batch: TrackBatch, layout: Sequence[Tensor] | None = None) -> int:
+    """Append ``batch`` (as :func:`pack_tracks` returns it: real hits first in each row) to the
+    binary file ``f`` as one record of its real hits only (about 21 bytes per hit, against
+    ~56 in the ``its.hits`` rows and ~130 per hit padded in memory); returns the bytes written.
+    :func:`read_tracks` gives back the same batch, bit for bit. ``layout``: the model's layout of
+    the batch (``ITSAlignmentModel.plan_tensors``, about 36 bytes per hit in float32), stored
+    with it so that a replay does not build it again."""
+    mask = batch.mask
+    nh = mask.sum(1)
+    t, k = mask.shape
+    if t and not bool((mask == (torch.arange(k)[None, :] < nh[:, None])).all()):
+        raise ValueError("write_tracks: every track's real hits must come first in its row (as pack_tracks packs them)")
+    if k > 255:
+        raise ValueError(f"write_tracks: at most 255 hits per track, got rows of {k}")
+    parts = [
+        nh.numpy().astype(np.uint8),
+        batch.event.numpy().astype(np.int32),
+        batch.sensor[mask].numpy().astype(np.int32),
+        batch.local[mask].to(torch.float64).numpy(),
+    ]
+    flags = 0
+    if batch.vertex is not None:
+        parts.append(batch.vertex.to(torch.float64).numpy())
+        flags |= _HAS_VERTEX
+    if layout is not None:
+        parts += _encode_tensors(layout)
+        flags |= _HAS_LAYOUT
+    head = _TRACKS_HEAD.pack(_TRACKS_MAGIC, batch.n_events, t, int(nh.sum()), k, flags)
+    f.write(head)
+    for a in parts:
+        f.write(np.ascontiguousarray(a).data)
+    return len(head) + sum(a.nbytes for a in parts)
+
+
+def read_tracks(f: BinaryIO, *, skip: bool = False, model: ITSAlignmentModel | None = None) -> TrackBatch | None:
+    """The next record of a :func:`write_tracks` file: the TrackBatch, or None at the end of the
+    file. ``skip``: move past the record without decoding it (returns an empty TrackBatch).
+    ``model``: a layout stored with the record is attached to the batch for this model
+    (``ITSAlignmentModel.attach_plan``); without a model it is skipped. A record cut short (the
+    file of a process that died while writing) or a foreign header raises ValueError naming the
+    offset."""
+    where = f.tell()
+    head = f.read(_TRACKS_HEAD.size)
+    if not head:
+        return None
+    if len(head) < _TRACKS_HEAD.size:
+        raise ValueError(f"read_tracks: a record header cut short at byte {where}")
+    magic, n_events, t, h, k, flags = _TRACKS_HEAD.unpack(head)
+    if magic != _TRACKS_MAGIC:
+        raise ValueError(f"read_tracks: no track record at byte {where} (magic {magic!r})")
+    sizes = [t, 4 * t, 4 * h, 16 * h] + ([24 * n_events] if flags & _HAS_VERTEX else [])
+    end = where + _TRACKS_HEAD.size + sum(sizes)
+    layout_heads: list[tuple[int, ...]] = []
+    if flags & _HAS_LAYOUT:  # the layout's size is in its tensor headers, read them
+        f.seek(end)
+        raw = f.read(4)
+        count = int(np.frombuffer(raw, np.uint32)[0]) if len(raw) == 4 else -1
+        heads = f.read(count * _TENSOR_HEAD.size) if count >= 0 else b""
+        if count < 0 or len(heads) < count * _TENSOR_HEAD.size:
+            raise ValueError(f"read_tracks: the record at byte {where} is cut short (layout headers)")
+        for i in range(count):
+            code, ndim, *shape = _TENSOR_HEAD.unpack_from(heads, i * _TENSOR_HEAD.size)
+            if code not in _TENSOR_CODES or ndim > 4:
+                raise ValueError(f"read_tracks: the record at byte {where}: layout tensor {i} has an unknown dtype "
+                                 f"code {code} or {ndim} dimensions")
+            layout_heads.append((code, *shape[:ndim]))
+        end = f.tell() + sum(int(np.prod(hd[1:], dtype=np.int64)) * np.dtype(_TENSOR_CODES[hd[0]][1]).itemsize
+                             for hd in layout_heads)
+        f.seek(where + _TRACKS_HEAD.size)
+    if skip:
+        if f.seek(0, 2) < end:
+            raise ValueError(f"read_tracks: the record at byte {where} is cut short")
+        f.seek(end)
+        empty = torch.zeros(0, k, dtype=torch.int64)
+        return TrackBatch(empty, torch.zeros(0, k, 2, dtype=torch.float64), empty.bool(),
+                          torch.zeros(0, dtype=torch.int64), int(n_events))
+    buf = f.read(sum(sizes))
+    if len(buf) < sum(sizes):
+        raise ValueError(f"read_tracks: the record at byte {where} is cut short ({len(buf)} of {sum(sizes)} bytes)")
+    offs = np.cumsum([0] + sizes)
+    nh = np.frombuffer(buf, np.uint8, t, offs[0])
+    mask = np.arange(k)[None, :] < nh[:, None]
+    sensor = np.zeros((t, k), dtype=np.int64)
+    sensor[mask] = np.frombuffer(buf, np.int32, h, offs[2])
+    local = np.zeros((t, k), dtype=np.complex128)  # (u, v) pairs moved as one 16-byte element
+    local[mask] = np.frombuffer(buf, np.complex128, h, offs[3])
+    vertex = None
+    if flags & _HAS_VERTEX:
+        vertex = torch.from_numpy(np.frombuffer(buf, np.float64, 3 * n_events, offs[4]).reshape(n_events, 3).copy())
+    event = torch.from_numpy(np.frombuffer(buf, np.int32, t, offs[1]).astype(np.int64))
+    batch = TrackBatch(sensor=torch.from_numpy(sensor), local=torch.from_numpy(local.view(np.float64).reshape(t, k, 2)),
+                       mask=torch.from_numpy(mask), event=event, n_events=int(n_events), vertex=vertex)
+    if layout_heads:
+        f.seek(4 + len(layout_heads) * _TENSOR_HEAD.size, 1)
+        size = end - f.tell()
+        data = bytearray(size)
+        if f.readinto(data) < size:
+            raise ValueError(f"read_tracks: the record at byte {where} is cut short (layout)")
+        if model is not None:
+            tensors, off = [], 0
+            for code, *shape in layout_heads:
+                td, nd = _TENSOR_CODES[code]
+                cnt = int(np.prod(shape, dtype=np.int64))
+                a = np.frombuffer(data, nd, cnt, off).reshape(shape)
+                off += cnt * np.dtype(nd).itemsize
+                tensors.append(torch.from_numpy(a.astype(np.int64) if code == 1 else a))
+            model.attach_plan(batch, tensors)
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -575,9 +717,13 @@ def _track_weight(model: ITSAlignmentModel, batch: TrackBatch, res: dict[str, Te
 def _rotation_axes(theta: Tensor) -> Tensor:
     """Per sensor the axes (N, 3, 3) of ``(d a_R / d angle_a) a_R^T``, row a: a rotation matrix's
     derivative times its transpose is antisymmetric, ``[omega_a]_x``, so
-    ``dg/d angle_a = omega_a x (g - a_T)``."""
-    gen = euler_derivatives(theta[:, :3]) @ euler_to_matrix(theta[:, :3])[:, None].transpose(-1, -2)  # (N, 3, 3, 3)
-    return torch.stack([gen[..., 2, 1], gen[..., 0, 2], gen[..., 1, 0]], -1)
+    ``dg/d angle_a = omega_a x (g - a_T)``. For ``a_R = R_x(alpha) R_y(beta) R_z(gamma)``:
+    ``omega_alpha = e_x``, ``omega_beta = R_x e_y``, ``omega_gamma = R_x R_y e_z``."""
+    a, b = theta[:, 0], theta[:, 1]
+    sa, ca, sb, cb = a.sin(), a.cos(), b.sin(), b.cos()
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    return torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, ca, sa], 1),
+                        torch.stack([sb, -sa * cb, ca * cb], 1)], 1)
 
 
 _TRIU = torch.triu_indices(6, 6)
@@ -590,9 +736,10 @@ def hessian_blocks(model: ITSAlignmentModel, batches: Iterable[TrackBatch] | Tra
     ``P <= W``, ``D`` bounds the Gauss-Newton matrix ``H = A^T P A`` from above (``H <= D``), so
     the block-preconditioned step with 0 < eta < 2 converges.
 
-    Computed per real hit (no padding) in the factored form ``v = B_s u``: with ``d`` the
-    residual's derivative w.r.t. the hit's global position (``e``: ``(2 kappa x + sin,
-    2 kappa y - cos, 0)``; ``rz``: ``(-tan(lambda) ds/dx, -tan(lambda) ds/dy, 1)``),
+    Computed per hit on the cost's fast layout (``ITSAlignmentModel.hit_derivatives``, the
+    model's precision) in the factored form ``v = B_s u``: with ``d`` the residual's derivative
+    w.r.t. the hit's global position (``e``: ``(2 kappa x + sin, 2 kappa y - cos, 0)``; ``rz``:
+    ``(-tan(lambda) ds/dx, -tan(lambda) ds/dy, 1)``),
     ``u = ((g - a_T) x d, d)`` and ``B_s = diag(Omega_s, 1)`` (:func:`_rotation_axes`), so each
     sensor accumulates the 21 distinct products of ``u`` and is rotated once: the same blocks as
     the per-hit derivatives of :func:`_hit_theta_derivatives`."""
@@ -606,40 +753,25 @@ def hessian_blocks(model: ITSAlignmentModel, batches: Iterable[TrackBatch] | Tra
         model._check_batch(batch, "hessian_blocks")
         if wb == 0:
             continue
-        res = model._evaluate(batch, model.phi.detach(), need_grad=False)
-        real = batch.mask.reshape(-1).nonzero()[:, 0]
-        sid = batch.sensor.reshape(-1).index_select(0, real)
-        row = torch.div(real, batch.mask.shape[1], rounding_mode="floor")  # the hit's track
-
-        def hits(v: Tensor) -> Tensor:  # (T, K) -> (H,) float64
-            return v.reshape(-1).index_select(0, real).to(torch.float64)
-
-        # per-track values at the hits, rows (m, H)
-        per_track = torch.stack([res[key].to(torch.float64) for key in ("kappa", "cos", "sin", "tanl")]
-                                + list(res["ref"].to(torch.float64).T)
-                                + [2.0 * float(wb) * ITSAlignmentModel._event_scale(res["event_ndf"])[batch.event]])
-        k, c, s, tl, rx, ry, rz, scale = per_track.index_select(1, row)
-        _, dsdx, dsdy = _arc_length(res["x"], res["y"], {key: res[key] for key in ("cos", "sin", "delta", "kappa")})
-        x, y = hits(res["x"]), hits(res["y"])
-        at = a_t.T.index_select(1, sid)  # (3, H)
-        r = (x + rx - at[0], y + ry - at[1], hits(res["z"]) + rz - at[2])  # g - a_T
-        zero = torch.zeros_like(x)
-        d_e = (2 * k * x + s, 2 * k * y - c, zero)
-        d_z = (-tl * hits(dsdx), -tl * hits(dsdy), zero + 1.0)
-        u_e, u_z = ([r[1] * d[2] - r[2] * d[1], r[2] * d[0] - r[0] * d[2], r[0] * d[1] - r[1] * d[0], *d]
-                    for d in (d_e, d_z))
-        w_e, w_z = hits(res["w_xy"]) * scale, hits(res["w_z"]) * scale
-        for p, (i, j) in enumerate(zip(iu0.tolist(), iu1.tolist())):  # one row at a time: stays in cache
-            prod = (u_z[i] * u_z[j]).mul_(w_z)
-            if j != 5:  # d_e has no z component
-                prod.addcmul_(u_e[i] * u_e[j], w_e)
-            acc[p].index_add_(0, sid, prod)
+        for sid, g, d_e, d_z, w_e, w_z in model.hit_derivatives(batch):
+            at = a_t.T.index_select(1, sid)  # (3, m)
+            r = g - at  # g - a_T
+            u_e, u_z = ([r[1] * d[2] - r[2] * d[1], r[2] * d[0] - r[0] * d[2], r[0] * d[1] - r[1] * d[0], *d]
+                        for d in (d_e, d_z))
+            w_e, w_z = w_e * float(wb), w_z * float(wb)
+            for p, (i, j) in enumerate(zip(iu0.tolist(), iu1.tolist())):  # one row at a time: stays in cache
+                prod = (u_z[i] * u_z[j]).mul_(w_z)
+                if j != 5:  # d_e has no z component
+                    prod.addcmul_(u_e[i] * u_e[j], w_e)
+                acc[p].index_add_(0, sid, prod)
     full = torch.zeros(n, 6, 6, dtype=torch.float64)
     full[:, iu0, iu1] = acc.T
     full[:, iu1, iu0] = acc.T
-    b = torch.eye(6, dtype=torch.float64).repeat(n, 1, 1)
-    b[:, :3, :3] = _rotation_axes(model.theta().to(torch.float64))
-    out = b @ full @ b.transpose(1, 2)
+    om = _rotation_axes(model.theta().to(torch.float64))  # B = diag(Omega, 1): rotate the angle rows / columns
+    out = full.clone()
+    out[:, :3, 3:] = om @ full[:, :3, 3:]
+    out[:, 3:, :3] = out[:, :3, 3:].transpose(1, 2)
+    out[:, :3, :3] = om @ full[:, :3, :3] @ om.transpose(1, 2)
     return 0.5 * (out + out.transpose(1, 2))  # symmetric to the last bit
 
 
