@@ -422,8 +422,8 @@ class GNSystem:
         events: events with nu > 0 (the ``N`` of the cost).
         tracks: tracks seen.
         seconds: wall time of the pass.
-        ndf: the degrees of freedom of those events, ``sum_i nu_i`` (the prior's scale,
-            :func:`prior_scale`).
+        ndf: the degrees of freedom of those events, ``sum_i nu_i`` (the prior's chi2 is
+            divided by it, :class:`Presigma`).
     """
 
     cost: float
@@ -1074,7 +1074,7 @@ def refine(
         say(f"GN {it}: {rec.cg_iterations} CG iterations (relative residual "
             f"{sol.relative:.2e}), predicted {'dC' if prior is None else 'd(C + prior)'} = "
             f"{rec.predicted_change:.4g}, "
-            f"actual {new_cost - rec.cost_before:.4g} (times events: "
+            f"actual {'' if prior is None else 'dC '}{new_cost - rec.cost_before:.4g} (times events: "
             f"{(new_cost - rec.cost_before) * system.events:.4g}){prior_change}, max |dTheta| {rec.max_step:.3g}")
         src.clear()  # Theta changed
     first = src.first
