@@ -27,7 +27,7 @@ GEOMETRY = "{layers: 3, chips_u: [1, 1, 1], chips_v: [2, 2, 2]}"  # the ITS2 inn
 
 
 def graph(run_dir, *, replicas=1, partitions="[1.0]", events=3000, epochs=3, tau=2, restarts=0, stall=60,
-          optimizer="{method: gn}", cache_mb=1024.0) -> str:
+          optimizer="{method: gn}", cache_mb=1024.0, spool_layout=True) -> str:
     return textwrap.dedent(f"""
     settings: {{interface: 127.0.0.1, stall_timeout_s: {stall}}}
     stages:
@@ -54,6 +54,7 @@ def graph(run_dir, *, replicas=1, partitions="[1.0]", events=3000, epochs=3, tau
           threads: 1
           optimizer: {optimizer}
           cache_mb: {cache_mb}
+          spool_layout: {str(spool_layout).lower()}
           run_dir: {run_dir}
         inputs: {{hits: hits}}
         outputs: {{out: constants}}
@@ -103,14 +104,16 @@ def test_one_worker_approaches_the_exact_minimum_and_stores_its_constants(tmp_pa
 
 def test_replayed_epochs_read_the_packed_spool_and_give_the_cached_result(tmp_path):
     """Epochs 2.. replay the packed tracks that epoch 1 spooled (``align.write_tracks``): with no
-    cache (every replayed batch read from the spool), with part of the data cached and with all
-    of it cached, the constants are the same to the last bit; the spool's records are the
-    batches ``pack_tracks`` makes of the hits as received."""
+    cache (every replayed batch read from the spool), with part of the data cached, with all of
+    it cached, and with the tracks spooled without the cost's layout, the constants are the same
+    to the last bit; the spool's records are the batches ``pack_tracks`` makes of the hits as
+    received."""
     from streamcal.detectors.its.align import read_tracks
 
     thetas, summaries = {}, {}
-    for name, mb in (("none", 0.0), ("part", 0.4), ("all", 1024.0)):
-        res = run_graph_local(graph(tmp_path / name, cache_mb=mb, events=2000))
+    for name, mb, layout in (("none", 0.0, True), ("part", 0.4, True), ("all", 1024.0, True),
+                             ("tracks only", 0.0, False)):
+        res = run_graph_local(graph(tmp_path / name, cache_mb=mb, events=2000, spool_layout=layout))
         summaries[name] = res.stage("align").summary()
         thetas[name] = np.load(tmp_path / name / "theta.npy")
     n_batches = 2000 // 250
@@ -120,6 +123,9 @@ def test_replayed_epochs_read_the_packed_spool_and_give_the_cached_result(tmp_pa
     assert summaries["all"]["cache"]["spool_batches"] == 0
     np.testing.assert_array_equal(thetas["none"], thetas["all"])
     np.testing.assert_array_equal(thetas["part"], thetas["all"])
+    np.testing.assert_array_equal(thetas["tracks only"], thetas["all"])
+    size = {name: sum(p.stat().st_size for p in (tmp_path / name / "spool").glob("*.tracks")) for name in thetas}
+    assert size["tracks only"] < 0.6 * size["all"]  # the layout is most of the spool
     assert len(summaries["all"]["busy_s"]) == 3 and all(b > 0 for b in summaries["all"]["busy_s"])
     geom = res.stage("align").geom
     raw = spooled(tmp_path / "all", geom)
