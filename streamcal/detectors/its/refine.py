@@ -67,7 +67,10 @@ offset against the truth tx, ty 0.11, 0.09 um, rz -17 urad (2.1, -0.9 um, -100 u
 the flat direction existed only jointly with the outer chips' free out-of-plane DoFs). The
 outer layers stay at the misalignment's scale (du 5.5-16, dv 12-20, dw 17-25 um, rotations
 100-116 urad RMS) instead of 0.1-0.6 mm and 1-15 mrad. DCA_xy on fresh tracks is unchanged
-(worst |bias| 0.53 um, 1.2 sigma; resolution within 1.6 % of the ideal geometry).
+(worst |bias| 0.53 um, 1.2 sigma; resolution within 1.6 % of the ideal geometry). A ten times
+looser prior (1e-3 rad, 0.2 mm; 113 and 108 CG iterations, 1333 s) lies in between: du 1.6,
+2.1, 2.5 um, rot_v 94-107 urad, offset tx 1.5 um, rz -53 urad, outer dw 32-81 um. Only the
+outer chips' prior holds that direction, so the inner barrel's result depends on their sigma.
 
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
