@@ -164,7 +164,13 @@ def test_ctrl_c_stops_the_sources_and_drains(tmp_path):
         assert first.startswith("running long: 2 replicas started"), first + p.stderr.read()[-3000:]
         time.sleep(3)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=90)
+        try:
+            out, err = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            pytest.fail(f"`streamcal run` did not end within 90 s of SIGINT\nstdout tail:\n{out[-3000:]}\n"
+                        f"stderr tail:\n{err[-6000:]}")
     finally:
         p.kill()
     assert p.returncode == 0, out[-2000:] + err[-3000:]
