@@ -28,9 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The child starts with SIGINT at its default action, whatever the test runner inherited: a job
+# started in the background of a non-interactive shell (`cmd &`, nohup) ignores SIGINT, an ignored
+# signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.executable, [sys.executable, '-m', 'streamcal.cli', *sys.argv[1:]])")
+
+
 def cli(*args: str, timeout: float = 60) -> subprocess.Popen:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    return subprocess.Popen([sys.executable, "-m", "streamcal.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", _SIGINT_DEFAULT, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
