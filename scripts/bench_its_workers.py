@@ -217,7 +217,8 @@ def main() -> None:
                     case = run_case(args, m, tau, args.keep or Path(tmp))
                     result["cases"].append(case)
                     print(f"M={m}, tau={tau}: {case['tracks_per_s']:.0f} tracks/s over the replayed epochs "
-                          f"({case['tracks_per_s_uncached']:.0f} packing every batch again), "
+                          f"({case['tracks_per_s_uncached']:.0f} reading every batch from the packed spool; "
+                          f"epoch 1 {case['epoch1_tracks_per_s']:.0f}), "
                           f"peak worker RSS {case['peak_rss_mb_worker_max']:.0f} MB, epoch cost {case['epoch_cost']}, "
                           f"seed workload {case['seed_workload_h']} h cached, "
                           f"{case['seed_workload_h_seed_scale']} h at the seed's scale", flush=True)
