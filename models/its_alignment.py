@@ -1058,13 +1058,10 @@ class ITSAlignmentModel(nn.Module):
         f64 = torch.float64
         for ch, st, sh in zip(plan.chunks, stored, shifts):
             b = self._fast_positions(ch, tab, sh)
-            w_xy, w_z, wv_xy, wv_z = st if st is not None else self._fast_pass1(b, ch)[0]
+            st = st if st is not None else self._fast_pass1(b, ch)[0]
+            w_xy, w_z = st[:2]
             z, x, y, _ = b.unbind(0)
-            mean, cov, _ = _dense_moments(b[1:], w_xy, wv_xy)
-            k64, c64, s64, d64 = _karimaki_solve(mean, cov)
-            k, c, s, d = (q.to(dt) for q in (k64, c64, s64, d64))
-            arc, qx, qy, chord, a = _dense_arc(x, y, k, c, s, d)
-            tl = _dense_line(arc, z, w_z, wv_z)[1].to(dt)
+            _, k, c, s, _, _, _, qx, qy, chord, a, _, tl = self._fast_fit(b, st)
             f = tl / (chord * (1.0 - a * a).sqrt())  # tan(lambda) |ds/dq| / |q|
             origin = ref.index_select(0, ch.idx).t()  # (3, T) z, x, y
             if sh is not None:
@@ -1094,7 +1091,8 @@ class ITSAlignmentModel(nn.Module):
         checked against the batch (ValueError naming the part), not the values: a layout stored
         with other tracks gives a wrong cost."""
         where = "ITSAlignmentModel.attach_plan"
-        self._check_batch(batch, where)
+        if not isinstance(batch, TrackBatch):  # the layout replaces the hits' values: only their shapes are checked
+            raise ValueError(f"{where}: batch must be a TrackBatch, got {type(batch).__name__}")
         dt = torch.float64 if self.config.precision == "float64" else torch.float32
         t, e = batch.n_tracks, batch.n_events
         tensors = list(tensors)
@@ -1254,6 +1252,22 @@ class ITSAlignmentModel(nn.Module):
         v = v[:, list(_ZXY)].t().to(tab.dtype)  # (3, E) z, x, y
         return stored, [v[:, ch.event] for ch in plan.chunks]
 
+    @staticmethod
+    def _fast_fit(b: Tensor, stored: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
+        """Pass 2 of a chunk: the circle and line fits of the hits ``b`` (4, n, T) with pass 1's
+        weights ``stored``: (centred coordinates vc, kappa, cos, sin, delta in the hits' dtype,
+        delta float64, arc length, q_x, q_y, chord, a (as :func:`_dense_arc`), z0 float64,
+        tan(lambda) in the hits' dtype)."""
+        w_xy, w_z, wv_xy, wv_z = stored
+        dt = b.dtype
+        z, x, y, _ = b.unbind(0)
+        mean, cov, vc = _dense_moments(b[1:], w_xy, wv_xy)
+        k64, c64, s64, d64 = _karimaki_solve(mean, cov)
+        k, c, s, d = (q.to(dt) for q in (k64, c64, s64, d64))
+        arc, qx, qy, chord, a = _dense_arc(x, y, k, c, s, d)
+        z064, tl64 = _dense_line(arc, z, w_z, wv_z)
+        return vc, k, c, s, d, d64, arc, qx, qy, chord, a, z064, tl64.to(dt)
+
     def _fast_chunk(self, ch: _Chunk, tab: Tensor, acc: Tensor | None, stored: Any, shift: Tensor | None) -> Tensor:
         """chi2 per track (T,) float64 of one chunk; adds its dC/dg (x) (s~1, s~2, 1) to ``acc``."""
         dt = tab.dtype
@@ -1265,14 +1279,9 @@ class ITSAlignmentModel(nn.Module):
         w_xy, w_z, wv_xy, wv_z = stored
         with _stage("its.pass2"):
             z, x, y, _ = b.unbind(0)
-            mean, cov, vc = _dense_moments(b[1:], w_xy, wv_xy)
-            k64, c64, s64, d64 = _karimaki_solve(mean, cov)
-            k, c, s, d = (q.to(dt) for q in (k64, c64, s64, d64))
+            vc, k, c, s, d, d64, arc, qx, qy, chord, a, z064, tl = self._fast_fit(b, stored)
             # e = kappa r^2 + x sin - y cos + delta, from the centred coordinates
             e = (vc[2] * k).addcmul_(vc[0], s).addcmul_(vc[1], c, value=-1.0)
-            arc, qx, qy, chord, a = _dense_arc(x, y, k, c, s, d)
-            z064, tl64 = _dense_line(arc, z, w_z, wv_z)
-            tl = tl64.to(dt)
             rz = torch.addcmul(z - z064.to(dt), arc, tl, value=-1.0)
             we, wr = w_xy * e, w_z * rz
             chi2 = (we * e).sum(0).double() + (wr * rz).sum(0).double()
