@@ -531,12 +531,32 @@ def test_sgd_and_block_gauss_newton_against_the_reference(geom, sample, referenc
     assert np.abs(model.theta().numpy()[~free]).max() < 1e-12
 
 
+def _generator_derivatives(model, b, res):
+    """Per hit d(e)/dTheta, d(rz)/dTheta (T, K, 6) from the Euler matrices' derivatives
+    (``dg/dangle = (d a_R/d angle) a_R^T (g - a_T)``, ``euler_derivatives``), independent of the
+    closed-form rotation axes that ``_hit_theta_derivatives`` and ``hessian_blocks`` use; the
+    residuals' derivatives by the hit position are ``_hit_theta_derivatives``' translation part."""
+    from streamcal.detectors.its.align import _hit_theta_derivatives
+    from streamcal.models.its_alignment import euler_derivatives, euler_to_matrix
+
+    theta = model.theta()
+    a_r = euler_to_matrix(theta[:, :3])
+    gen = euler_derivatives(theta[:, :3]) @ a_r[:, None].transpose(-1, -2)  # (N, 3, 3, 3)
+    rel = model.global_positions(b, model.phi.detach()) - theta[b.sensor][..., 3:]
+    dg = torch.einsum("tkaij,tkj->tkai", gen[b.sensor], rel)
+    ve, vz = _hit_theta_derivatives(model, b, res)
+    de, dz = ve[..., 3:], vz[..., 3:]
+    return (torch.cat([torch.einsum("tkai,tki->tka", dg, de), de], -1),
+            torch.cat([torch.einsum("tkai,tki->tka", dg, dz), dz], -1))
+
+
 def test_hessian_blocks_equal_the_per_hit_derivatives_at_a_misaligned_geometry(geom, sample, truth):
     """The factored blocks (per sensor the products of ``((g - a_T) x d, d)``, rotated once by
     the sensor's rotation axes) equal ``sum 2 c w v v^T`` with ``v`` the per-hit derivatives of
-    the residuals w.r.t. Theta (``_hit_theta_derivatives``, the derivatives of
-    ``normal_equations`` and ``refine``), at Theta = the misalignment (rotations of 1e-4 rad:
-    the axes are not the coordinate axes there) and for several batches."""
+    the residuals w.r.t. Theta from the Euler matrices' derivatives (``_generator_derivatives``),
+    at Theta = the misalignment (rotations of 1e-4 rad: the axes are not the coordinate axes
+    there) and for several batches; ``_hit_theta_derivatives`` (the derivatives of
+    ``normal_equations`` and ``refine``, by the same axes) equals them to rounding."""
     from streamcal.detectors.its.align import _hit_theta_derivatives, _track_weight
 
     model = ITSAlignmentModel.from_geometry(geom, COST)
@@ -544,7 +564,10 @@ def test_hessian_blocks_equal_the_per_hit_derivatives_at_a_misaligned_geometry(g
     expected = torch.zeros(geom.n_sensors, 36, dtype=torch.float64)
     for wb, b in zip(batch_weights(model, sample), sample):
         res = model._evaluate(b, model.phi.detach(), need_grad=False)
-        ve, vz = _hit_theta_derivatives(model, b, res)
+        ve, vz = _generator_derivatives(model, b, res)
+        fast = _hit_theta_derivatives(model, b, res)
+        torch.testing.assert_close(fast[0], ve, rtol=1e-12, atol=1e-12 * float(ve.abs().max()))
+        torch.testing.assert_close(fast[1], vz, rtol=1e-12, atol=1e-12 * float(vz.abs().max()))
         a = 2.0 * _track_weight(model, b, res, float(wb))[:, None]
         outer = ((a * res["w_xy"])[..., None, None] * ve[..., :, None] * ve[..., None, :]
                  + (a * res["w_z"])[..., None, None] * vz[..., :, None] * vz[..., None, :])

@@ -679,6 +679,57 @@ def test_cli_refine_with_a_prior_records_it(tmp_path, capsys, geom, run_dir):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_refine_direct_for_some_layers_without_the_mode_constraints(tmp_path, capsys, geom, run_dir):
+    """``--solver direct --layers ... --no-mode-constraints``: the result of :func:`refine` with the
+    direct solver on those layers' sensors and the run's constraints without their modes; the
+    held layers keep the run's Theta; ``refine.json`` records the solver and that the modes were
+    left out, ``run.json`` keeps the run's constraints (the evaluation's frame)."""
+    rd, cfg, hits = run_dir
+    out = tmp_path / "direct"
+    rc = main(["its", "refine", "--run", str(rd), "--out", str(out), "--events", "250", "--gn-iterations", "2",
+               "--layers", "1", "2", "3", "--solver", "direct", "--no-mode-constraints", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert "direct solve of" in cap.err and "GN 1: direct solve (" in cap.out and "cost/gradient/H" in cap.out
+    summary = json.loads((out / REFINE_JSON).read_text())
+    assert summary["options"]["solver"] == "direct" and summary["options"]["mode_constraints"] is False
+    assert summary["constraints"]["modes"] == [] and summary["method"].startswith("Gauss-Newton, dense")
+    assert all(g["solver"] == "direct" and g["cg_iterations"] == 0 for g in summary["gn"])
+    ev = hits.column("event").to_numpy()
+    first = pack_tracks(hits.take(pa.array(np.nonzero(ev < 250)[0])), geom)[0]
+    layers = np.flatnonzero(np.isin(geom.layer, [1, 2, 3]))
+    spec = replace(cfg.constraints, modes=())
+    want = refine(_model(geom, np.load(rd / "theta.npy")), [first], spec.build(geom), gn_iterations=2,
+                  solver="direct", sensors=layers, progress=False)
+    run = load_run(out)
+    np.testing.assert_allclose(run.theta, want.theta.numpy(), rtol=0, atol=1e-9 * np.abs(run.theta).max())
+    held = ~np.isin(np.arange(geom.n_sensors), layers)
+    np.testing.assert_array_equal(run.theta[held], np.load(rd / "theta.npy")[held])
+    assert not np.array_equal(run.theta[layers], np.load(rd / "theta.npy")[layers])
+    assert tuple(json.loads((out / "run.json").read_text())["constraints"]["modes"]) == cfg.constraints.modes
+    # --start-from: another run directory's Theta is the start (the same truth), the data stay RUN_DIR's
+    again = tmp_path / "again"
+    rc = main(["its", "refine", "--run", str(rd), "--out", str(again), "--events", "250", "--gn-iterations", "1",
+               "--layers", "1", "2", "3", "--solver", "direct", "--no-mode-constraints", "--start-from", str(out),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    cont = refine(_model(geom, run.theta), [first], spec.build(geom), gn_iterations=1, solver="direct", sensors=layers,
+                  progress=False)
+    np.testing.assert_allclose(load_run(again).theta, cont.theta.numpy(), rtol=0, atol=1e-9 * np.abs(run.theta).max())
+    assert json.loads((again / REFINE_JSON).read_text())["options"]["start"] == str(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    np.save(other / "theta.npy", run.theta)
+    np.save(other / "theta_true.npy", 2.0 * np.load(rd / "theta_true.npy"))
+    capsys.readouterr()
+    assert main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "x"), "--start-from", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert str(other / "theta_true.npy") in err and "the same simulated detector" in err
+    assert main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "x"), "--start-from",
+                 str(tmp_path / "nowhere")]) == 1
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
 def test_cli_refine_errors_name_the_path(tmp_path, capsys, run_dir, geom):
     rd, cfg, _ = run_dir
     missing = tmp_path / "missing"
@@ -702,3 +753,76 @@ def test_cli_refine_errors_name_the_path(tmp_path, capsys, run_dir, geom):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="events must be a positive integer"):
         SpoolTracks(rd / "spool", geom, events=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The direct solver
+
+
+@pytest.mark.parametrize("case", list(PRIOR_CASES))
+def test_the_direct_solver_reaches_the_direct_solution_with_a_prior(geom, sample, fixed, case):
+    """``solver="direct"`` (the dense ``H`` of the solved sensors accumulated in the system pass,
+    the step solved in the constraints' null space) takes the dense KKT step of
+    ``_solve_with_prior`` to rounding in every constraint case (one Gauss-Newton iteration: Theta
+    within 1e-8 of its typical size, measured <= 4e-10), and after three iterations reaches its
+    solution as CG does (1e-5 of the typical size where fixed layers leave a poorly conditioned
+    direction, the objective within 1e-11); one system pass and one cost pass per Gauss-Newton
+    iteration; the predicted change of the first step is the actual one to second order."""
+    cons = PRIOR_CASES[case](geom, fixed)
+    rot, trans = PRESIGMA["presigma_rot"], PRESIGMA["presigma_trans"]
+    one = refine(_model(geom), sample, cons, gn_iterations=1, solver="direct", progress=False, **PRESIGMA)
+    want1 = _solve_with_prior(geom, sample, cons, None, 1, rot, trans)[0]
+    assert np.all(np.abs(one.theta.numpy() - want1).max(0) < 1e-8 * THETA_SCALE)
+    want, want_cost, want_prior = _solve_with_prior(geom, sample, cons, None, 3, rot, trans)
+    res = refine(_model(geom), sample, cons, gn_iterations=3, solver="direct", progress=False, **PRESIGMA)
+    fit = res.theta.numpy()
+    assert np.all(np.abs(fit - want).max(0) < 1e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
+    assert abs(res.cost + res.prior - (want_cost + want_prior)) < 1e-11 * (want_cost + want_prior)
+    assert all(g.solver == "direct" and g.cg_iterations == 0 and not g.cg and g.step_scale > 0 for g in res.gn)
+    assert res.passes == sum(2 + round(-np.log2(g.step_scale)) for g in res.gn)  # a halving costs a cost pass
+    g1 = res.gn[0]
+    actual = g1.cost_after + g1.prior_after - g1.cost_before - g1.prior_before
+    assert g1.predicted_change < 0 and abs(actual - g1.predicted_change) < 0.05 * abs(g1.predicted_change)
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("case", list(CONSTRAINT_CASES))
+def test_the_direct_solver_reaches_the_reference_solution(geom, sample, references, case):
+    """Without a prior, from a start off the constraint surface: ``reference_solution``'s Theta
+    (sparse KKT) within 1e-7 of its typical size and its cost within 1e-11, the constraints exact."""
+    cons, theta0, ref = references[case, "perturbed"]
+    res = refine(_model(geom, theta0), sample, cons, gn_iterations=3, solver="direct", progress=False)
+    fit, want = res.theta.numpy(), ref.theta.numpy()
+    assert np.all(np.abs(fit - want).max(0) < 1e-7 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
+    assert abs(res.cost - ref.cost) < 1e-11 * ref.cost
+    q = cons.q.numpy()
+    if q.shape[1]:
+        assert np.abs(q.T @ fit.reshape(-1)).max() < 1e-14 * np.abs(fit).max()
+    assert np.all(fit[cons.free[:, 0].numpy() == 0] == 0.0)
+
+
+def test_the_direct_solver_for_some_sensors_holds_the_others(geom, sample, fixed):
+    """``sensors`` with the direct solver: the middle layers solved with the outer ones held equals
+    ``reference_solution`` with those fixed; too many parameters and a coarse space are refused
+    with the reason."""
+    import streamcal.detectors.its.refine as refine_module
+
+    cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
+    middle = np.flatnonzero(~np.isin(np.arange(geom.n_sensors), fixed))
+    res = refine(_model(geom), sample, cons, sensors=middle, gn_iterations=3, solver="direct", progress=False)
+    ref = reference_solution(_model(geom), sample, Constraints.build(geom, modes=("rz", "curl", "telescope"),
+                                                                     fixed=fixed), n_iter=3, covariance=False)
+    assert np.all(res.theta.numpy()[fixed] == 0.0)
+    assert np.all(np.abs(res.theta.numpy() - ref.theta.numpy()).max(0) < 1e-7 * THETA_SCALE)
+    with pytest.raises(ValueError, match="coarse is the CG solver's preconditioner"):
+        refine(_model(geom), sample, cons, solver="direct", coarse=coarse_basis(geom, RIGID_MODES), progress=False)
+    with pytest.raises(ValueError, match="solver must be 'cg' or 'direct', got 'lu'"):
+        refine(_model(geom), sample, cons, solver="lu", progress=False)
+    limit = refine_module.DIRECT_MAX_PARAMETERS
+    try:
+        refine_module.DIRECT_MAX_PARAMETERS = 6 * middle.size - 1
+        with pytest.raises(ValueError, match=rf"{middle.size} sensors are {6 * middle.size} parameters .*solve for "
+                                             "fewer sensors"):
+            refine(_model(geom), sample, cons, sensors=middle, solver="direct", progress=False)
+    finally:
+        refine_module.DIRECT_MAX_PARAMETERS = limit

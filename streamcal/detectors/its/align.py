@@ -103,13 +103,7 @@ from torch import Tensor
 
 from streamcal.detectors.its.geometry import ITSGeometry
 from streamcal.detectors.its.misalignment import RIGID_MODES, WEAK_MODES, global_to_local, mode_vectors
-from streamcal.models.its_alignment import (
-    ITSAlignmentModel,
-    TrackBatch,
-    _arc_length,
-    euler_derivatives,
-    euler_to_matrix,
-)
+from streamcal.models.its_alignment import ITSAlignmentModel, TrackBatch, _arc_length
 
 __all__ = [
     "RejectCounts",
@@ -688,15 +682,14 @@ def _hit_theta_derivatives(
     model: ITSAlignmentModel, batch: TrackBatch, res: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """Per hit, d(e)/dTheta and d(rz)/dTheta of its own sensor at fixed track parameters:
-    (T, K, 6) each. Uses ``dg/dangle = (d a_R/d angle) a_R^T (g - a_T)``, ``dg/dtau = 1``."""
+    (T, K, 6) each. Uses ``dg/dangle_a = (d a_R/d angle_a) a_R^T (g - a_T) = omega_a x (g - a_T)``
+    (:func:`_rotation_axes`), ``dg/dtau = 1``."""
     theta = model.theta()
     glob = model.global_positions(batch, model.phi.detach())  # (T, K, 3)
-    d_ar = euler_derivatives(theta[:, :3])  # (N, 3, 3, 3)
-    a_r = euler_to_matrix(theta[:, :3])
-    gen = d_ar @ a_r[:, None].transpose(-1, -2)  # (N, 3, 3, 3)
     sid = batch.sensor
     rel = glob - theta[sid][..., 3:]  # (T, K, 3)
-    dg = torch.einsum("tkaij,tkj->tkai", gen[sid], rel)  # (T, K, 3 angles, 3 xyz)
+    axes = _rotation_axes(theta)[sid]  # (T, K, 3 angles, 3 xyz)
+    dg = torch.linalg.cross(axes, rel[:, :, None, :].expand_as(axes), dim=-1)  # (T, K, 3 angles, 3 xyz)
     k = res["kappa"][:, None]
     c, s = res["cos"][:, None], res["sin"][:, None]
     x, y = res["x"], res["y"]

@@ -149,6 +149,8 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
                              min_sensor_hits=args.min_sensor_hits, layers=args.layers,
                              cache_mb=args.cache_mb, cache_precision=args.cache_precision, coarse=args.coarse,
                              presigma_rot=args.presigma_rot, presigma_trans=args.presigma_trans,
+                             solver=args.solver, mode_constraints=not args.no_mode_constraints,
+                             start=args.start_from,
                              progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
     except StreamcalError:
         raise  # names the run file; the main CLI prints it
@@ -165,11 +167,14 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
     for g in summary["gn"]:
         res = g["cg"][-1]["relative_residual"] if g["cg"] else 0.0
         actual = (g["cost_after"] + g["prior_after"]) - (g["cost_before"] + g["prior_before"])
-        print(f"GN {g['iteration']}: {g['cg_iterations']} CG iterations (relative residual {res:.2e}), predicted "
-              f"{g['predicted_change']:.4g}, actual {actual:.4g}, max |dTheta| {g['max_step']:.3g}")
+        how = (f"direct solve ({g['direct_seconds']:.1f} s)" if g["solver"] == "direct" else
+               f"{g['cg_iterations']} CG iterations (relative residual {res:.2e})")
+        print(f"GN {g['iteration']}: {how}, predicted {g['predicted_change']:.4g}, actual {actual:.4g}, "
+              f"max |dTheta| {g['max_step']:.3g}")
     sp = summary["seconds_per_pass"]
     cg = "n/a" if sp["cg_median"] is None else f"{sp['cg_median']:.2f}"
-    print(f"seconds per pass: cost/gradient/blocks {', '.join(f'{s:.1f}' for s in sp['system'])}; CG median {cg}; "
+    what = "cost/gradient/H" if summary["options"]["solver"] == "direct" else "cost/gradient/blocks"
+    print(f"seconds per pass: {what} {', '.join(f'{s:.1f}' for s in sp['system'])}; CG median {cg}; "
           f"total {summary['seconds']:.0f} s, {summary['passes']} passes")
     print(f"run directory: {args.out} (streamcal evaluate align --run {args.out} --report REPORT_DIR); "
           f"record {args.out}/{REFINE_JSON}")
@@ -178,11 +183,14 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
 
 def _add_refine(its_sub: Any) -> None:
     p = its_sub.add_parser(
-        "refine", help="continue a run with global Gauss-Newton steps (matrix-free preconditioned CG)",
+        "refine", help="continue a run with global Gauss-Newton steps (matrix-free preconditioned CG, or a dense "
+                       "direct solve for some layers)",
         description="Continue an alignment run with global Gauss-Newton iterations on its cost, each solving the "
-                    "projected normal equations (track parameters profiled out) by preconditioned conjugate "
-                    "gradients within the run's constraints, matrix-free, one pass over the spooled tracks "
-                    "(RUN_DIR/spool/*.arrows) per CG iteration. Starts from RUN_DIR/theta.npy and writes OUT_DIR as "
+                    "projected normal equations (track parameters profiled out) within the run's constraints: by "
+                    "preconditioned conjugate gradients, matrix-free, one pass over the spooled tracks "
+                    "(RUN_DIR/spool/*.arrows) per CG iteration, or (--solver direct, for up to 3,333 solved sensors) "
+                    "exactly from the dense matrix formed in one pass. Starts from RUN_DIR/theta.npy (or "
+                    "--start-from's) and writes OUT_DIR as "
                     "a run directory for `streamcal evaluate align` (run.json, theta.npy, theta_true.npy, "
                     "metrics.jsonl) and OUT_DIR/refine.json (per-iteration record).")
     p.add_argument("--run", required=True, metavar="RUN_DIR",
@@ -218,6 +226,18 @@ def _add_refine(its_sub: Any) -> None:
     p.add_argument("--presigma-trans", type=positive_float, default=None, metavar="MM",
                    help="Millepede's presigma for the translations: a Gaussian prior 0 +- MM (millimetres) on each of "
                         "the three translations of every solved sensor (default: no prior)")
+    p.add_argument("--solver", choices=("cg", "direct"), default="cg",
+                   help="cg: matrix-free preconditioned conjugate gradients, one pass per iteration (any number of "
+                        "sensors); direct: the Gauss-Newton matrix of the solved sensors formed densely in one pass "
+                        "and each step solved exactly (Millepede's inversion), for up to 3,333 solved sensors, e.g. "
+                        "--layers 0 1 2 (the inner barrel, 432 chips) with the others as the reference (default cg)")
+    p.add_argument("--no-mode-constraints", action="store_true",
+                   help="drop the run's weak-mode constraints from the steps (its fixed layers stay fixed): with "
+                        "--layers the held sensors define the frame, and the solved layers' collective rotation or "
+                        "shift relative to them is measured rather than held at its start")
+    p.add_argument("--start-from", metavar="RUN_DIR", default=None,
+                   help="start from this run directory's theta.npy instead of RUN_DIR's (a run of the same detector "
+                        "and truth, e.g. a refine of part of the data; RUN_DIR's spool is the data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_its_refine)
 

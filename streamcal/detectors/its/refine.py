@@ -72,6 +72,21 @@ looser prior (1e-3 rad, 0.2 mm; 113 and 108 CG iterations, 1333 s) lies in betwe
 2.1, 2.5 um, rot_v 94-107 urad, offset tx 1.5 um, rz -53 urad, outer dw 32-81 um. Only the
 outer chips' prior holds that direction, so the inner barrel's result depends on their sigma.
 
+Direct solver (``solver="direct"``). For a subset of sensors (``sensors``; the others held, as
+the reference) the Gauss-Newton matrix restricted to their parameters is formed densely in the
+system pass (:class:`_DenseBlock`: per track, every pair of its hits on solved sensors, ``2 c_t
+P_ij v_i v_j^T``, tracks grouped by their number of such hits so that nothing is padded) and each
+step is solved exactly in the constraints' null space (``Z^T H Z`` by eigen-decomposition,
+:func:`_direct_step`): one pass per Gauss-Newton iteration instead of one per CG iteration, no
+linearisation kept, so the data can be far larger than the CG cache allows (Millepede-II's
+"inversion" method). On the full ITS2 the inner barrel (432 chips, 2,592 parameters) costs ~40 %
+more per pass than the plain system pass and ~20 s for the solve. The held sensors are the frame:
+with ``mode_constraints`` off (``refine_run``) the inner barrel's collective motion relative to
+the outer one is measured rather than held at its start. Their errors enter the solved sensors'
+result: on the 1M-event run above, from the workers' Theta (outer layers' means off by up to 16
+um in z and -43 urad in rot_u) the inner barrel ends at du 1.5-2.3 um (pulls 23-45, against
+0.27-0.40 um after the global refine): the held sensors must come from a global solve.
+
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
 returning a fresh iterator over TrackBatch on every call (streamed: memory is bounded by one
@@ -398,6 +413,101 @@ def _diag_blocks(ch: _Chunk, out: Tensor) -> None:
         out.index_add_(0, ch.sensor[t, i], blk.reshape(-1, 36))
 
 
+# dense Gauss-Newton matrices of the ``direct`` solver: at most this many parameters (6 per sensor;
+# 20,000 parameters take 3.2 GB in float64): the inner barrel (432 chips, 2,592 parameters) fits,
+# the full ITS2 (144,720) does not
+DIRECT_MAX_PARAMETERS = 20_000
+
+
+class _DenseBlock:
+    """``H`` restricted to the DoFs of the sensors ``ids`` (the ``direct`` solver): a dense
+    (6n, 6n) float64 matrix accumulated chunk by chunk from the linearisation, every pair of hits
+    of a track on those sensors (``2 c_t`` times the projector's entry times the two hits'
+    derivatives). Hits on other sensors enter through the projector only (the track fit)."""
+
+    def __init__(self, n_sensors: int, ids: np.ndarray) -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.index = torch.full((n_sensors,), -1, dtype=torch.int64)
+        self.index[torch.from_numpy(self.ids)] = torch.arange(self.ids.size)
+        self.dim = 6 * int(self.ids.size)
+        self.flat = torch.zeros(self.dim * self.dim, dtype=torch.float64)
+
+    def add(self, ch: _Chunk) -> None:
+        k = ch.sensor.shape[1]
+        diag_xy = torch.diagonal(ch.pxy, dim1=1, dim2=2)
+        diag_z = torch.diagonal(ch.pz, dim1=1, dim2=2)
+        pos = self.index[ch.sensor]
+        keep = (pos >= 0) & ((diag_xy != 0) | (diag_z != 0))  # hits on the solved sensors (padding: zero rows)
+        count = keep.sum(1)
+        six = torch.arange(6)
+        for ka in torch.unique(count).tolist():  # tracks grouped by their number of such hits: no padding
+            if ka == 0:
+                continue
+            t = torch.nonzero(count == ka)[:, 0]
+            order = torch.argsort((~keep[t]).to(torch.int8), dim=1, stable=True)[:, :ka]  # (T, ka) the kept hits
+            ve = torch.gather(ch.ve[t], 1, order[..., None].expand(-1, -1, 6))
+            vz = torch.gather(ch.vz[t], 1, order[..., None].expand(-1, -1, 6))
+            rows = order[:, :, None].expand(-1, -1, k)
+            pxy = torch.gather(torch.gather(ch.pxy[t], 1, rows), 2, order[:, None, :].expand(-1, ka, -1))
+            pz = torch.gather(torch.gather(ch.pz[t], 1, rows), 2, order[:, None, :].expand(-1, ka, -1))
+            blk = (torch.einsum("tij,tia,tjb->tiajb", pxy, ve, ve)
+                   + torch.einsum("tij,tia,tjb->tiajb", pz, vz, vz))  # (T, ka, 6, ka, 6)
+            row = (6 * torch.gather(pos[t], 1, order))[:, :, None] + six  # (T, ka, 6)
+            flat = row[:, :, :, None, None] * self.dim + row[:, None, None, :, :]
+            self.flat.index_add_(0, flat.reshape(-1), blk.reshape(-1).to(torch.float64))
+
+    def matrix(self) -> np.ndarray:
+        """The (6n, 6n) matrix, symmetrised (after :func:`_system` divided it by the events)."""
+        h = self.flat.numpy().reshape(self.dim, self.dim)
+        return 0.5 * (h + h.T)
+
+
+@dataclass
+class _DirectSolution:
+    x: Tensor  # (N, 6) the step, zero off the active sensors
+    predicted: float  # g.x + x.H x / 2
+    grad_norm: float  # |Z^T g|: the gradient within the constraints
+    dropped: int  # directions without curvature left out (eigenvalue <= rcond times the largest)
+    eig_min: float  # the smallest and largest curvature kept (of Z^T H Z)
+    eig_max: float
+
+
+def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, curvature: Tensor | None,
+                 cons: Constraints, rcond: float = 1e-12) -> _DirectSolution:
+    """The constrained Gauss-Newton step ``argmin g^T d + d^T H d / 2`` over the active sensors'
+    DoFs with ``Q^T d = 0`` (``cons``: the constraints restricted to the active sensors), solved
+    densely in the constraints' null space ``Z``: ``d = -Z (Z^T H Z)^+ Z^T g`` (eigen-decomposition;
+    curvatures below ``rcond`` times the largest are dropped and counted). ``curvature``: the
+    prior's diagonal (N, 6), added to ``H``."""
+    n = g.shape[0]
+    sel = np.flatnonzero(active[dense.ids])  # positions among the accumulated sensors
+    sensors = dense.ids[sel]
+    idx6 = (6 * sel[:, None] + np.arange(6)).reshape(-1)
+    h = dense.matrix()[np.ix_(idx6, idx6)]
+    if curvature is not None:
+        h = h + np.diag(curvature.numpy()[sensors].reshape(-1))
+    gv = g.numpy()[sensors].reshape(-1)
+    q = cons.q.numpy().reshape(n, 6, -1)[sensors].reshape(idx6.size, -1)
+    if q.shape[1]:
+        u, s, _ = np.linalg.svd(q, full_matrices=True)
+        rank = int((s > 1e-10 * max(float(s.max()), 1e-300)).sum())
+        z = u[:, rank:]
+    else:
+        z = np.eye(idx6.size)
+    hz = z.T @ h @ z
+    gz = z.T @ gv
+    w, v = np.linalg.eigh(0.5 * (hz + hz.T))
+    top = float(w.max()) if w.size else 0.0
+    keep = w > rcond * top
+    y = -(v[:, keep] @ ((v[:, keep].T @ gz) / w[keep])) if keep.any() else np.zeros_like(gz)
+    d = z @ y
+    x = torch.zeros(n, 6, dtype=torch.float64)
+    x[torch.from_numpy(sensors)] = torch.from_numpy(d.reshape(-1, 6))
+    predicted = float(gv @ d + 0.5 * d @ (h @ d))
+    return _DirectSolution(x, predicted, float(np.linalg.norm(gz)), int((~keep).sum()),
+                           float(w[keep].min()) if keep.any() else math.nan, top)
+
+
 def _as_theta(value: Any, n: int, name: str, where: str) -> Tensor:
     t = torch.as_tensor(value, dtype=torch.float64)
     if tuple(t.shape) == (6 * n,):
@@ -420,7 +530,8 @@ class GNSystem:
     Attributes:
         cost: C over all data.
         grad: (N, 6) dC/dTheta.
-        blocks: (N, 6, 6) the diagonal 6 x 6 blocks of ``H`` (track fit projected).
+        blocks: (N, 6, 6) the diagonal 6 x 6 blocks of ``H`` (track fit projected); zero when
+            the pass accumulated the direct solver's dense matrix instead.
         hits: (N,) hits per sensor.
         events: events with nu > 0 (the ``N`` of the cost).
         tracks: tracks seen.
@@ -439,7 +550,7 @@ class GNSystem:
     ndf: float = 0.0
 
 
-def _system(src: _Source, bar: Any = None) -> GNSystem:
+def _system(src: _Source, bar: Any = None, dense: _DenseBlock | None = None) -> GNSystem:
     model = src.model
     n = model.n_sensors
     t0 = time.perf_counter()
@@ -452,11 +563,16 @@ def _system(src: _Source, bar: Any = None) -> GNSystem:
         c2 = (2.0 * scale_ev[sub.event])[:, None, None]  # 2 c_t (times N)
         gh = c2 * ((res["w_xy"] * res["e"])[..., None] * ch.ve + (res["w_z"] * res["rz"])[..., None] * ch.vz)
         grad.index_add_(0, ch.sensor.reshape(-1), gh.reshape(-1, 6))
-        _diag_blocks(ch, blocks)
+        if dense is None:
+            _diag_blocks(ch, blocks)
+        else:  # the dense matrix holds the solved sensors' blocks; the others' are not used
+            dense.add(ch)
         hits.index_add_(0, sub.sensor[sub.mask], torch.ones(int(sub.mask.sum()), dtype=torch.float64))
 
     tally = src.run(True, consume, bar)
     ne = float(tally.events)
+    if dense is not None:
+        dense.flat /= ne
     return GNSystem(tally.cost_sum / ne, grad / ne, (blocks / ne).reshape(n, 6, 6), hits, tally.events,
                     tally.tracks, time.perf_counter() - t0, tally.ndf)
 
@@ -627,6 +743,9 @@ class GNRecord:
         system_s: seconds of the pass for cost, gradient and blocks; time_s: since the start.
         coarse_size, coarse_dropped, coarse_seconds: the two-level preconditioner's coarse
             directions used, those without curvature left out, and the seconds for ``Z^T H Z``.
+        solver: ``"cg"`` or ``"direct"``; direct_dropped, direct_seconds: the direct solve's
+            directions without curvature left out and its seconds (the dense matrix was
+            accumulated in the system pass).
         prior_before, prior_after: the prior's term (:class:`Presigma`) at the linearisation
             point and after the step, in units of C (0 without a prior); the step halving compares
             ``cost + prior``.
@@ -648,6 +767,9 @@ class GNRecord:
     coarse_size: int = 0
     coarse_dropped: int = 0
     coarse_seconds: float = 0.0
+    solver: str = "cg"
+    direct_dropped: int = 0
+    direct_seconds: float = 0.0
     prior_before: float = 0.0
     prior_after: float = 0.0
     cg: list[CGRecord] = field(default_factory=list)
@@ -862,6 +984,7 @@ def refine(
     coarse: np.ndarray | None = None,
     presigma_rot: float | None = None,
     presigma_trans: float | None = None,
+    solver: str = "cg",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_iteration: Callable[[CGRecord], None] | None = None,
@@ -906,6 +1029,12 @@ def refine(
             the steps minimise and compare (``C`` plus the prior's term), the gradient, ``H p``
             and the diagonal blocks (so the preconditioner and the coarse level); C itself is
             reported without it (``cost``, ``prior`` of the result). None (default): no prior.
+        solver: ``"cg"`` (default): matrix-free projected preconditioned CG, one pass per
+            iteration; ``"direct"``: the Gauss-Newton matrix of the solved sensors is accumulated
+            densely in the system pass and the constrained step solved exactly (one pass per
+            Gauss-Newton iteration, no cache; Millepede's "inversion" method), for at most
+            :data:`DIRECT_MAX_PARAMETERS` parameters (6 per solved sensor: e.g. the inner barrel
+            with ``sensors``); ``coarse`` and ``cg_iterations`` do not apply.
         progress: tqdm bars; log: receives a line per Gauss-Newton iteration;
         on_iteration: called with every :class:`CGRecord`.
     """
@@ -923,6 +1052,10 @@ def refine(
         if not (isinstance(val, (int, float)) and not isinstance(val, bool) and 0 <= val < 1):
             raise ValueError(f"{where}: {name} must be a number in [0, 1), got {val!r}")
     presigma = Presigma.build(presigma_rot, presigma_trans, where)
+    if solver not in ("cg", "direct"):
+        raise ValueError(f"{where}: solver must be 'cg' or 'direct', got {solver!r}")
+    if solver == "direct" and coarse is not None:
+        raise ValueError(f"{where}: coarse is the CG solver's preconditioner; solver 'direct' takes none")
     if coarse is not None:
         coarse = np.asarray(coarse, dtype=np.float64)
         if coarse.ndim != 2 or coarse.shape[0] != 6 * n or not np.isfinite(coarse).all():
@@ -936,12 +1069,20 @@ def refine(
             raise ValueError(f"{where}: sensors must be a 1-d array of sensor ids in 0..{n - 1}, got {sensors!r}")
         solve[:] = False
         solve[ids] = True
-    src = _Source(model, data, where, chunk_tracks=chunk_tracks, cache_mb=cache_mb, cache_precision=cache_precision)
+    free = constraints.free[:, 0].numpy() > 0
+    candidates = np.flatnonzero(free & solve)
+    if solver == "direct" and 6 * candidates.size > DIRECT_MAX_PARAMETERS:
+        raise ValueError(f"{where}: solver 'direct' forms the dense Gauss-Newton matrix of the solved sensors: "
+                         f"{candidates.size} sensors are {6 * candidates.size} parameters "
+                         f"({(6 * candidates.size) ** 2 * 8 / 2**30:.1f} GB), more than {DIRECT_MAX_PARAMETERS}; "
+                         "solve for fewer sensors (sensors, --layers) or use solver 'cg'")
+    # the direct solver makes one pass per linearisation: nothing to keep between passes
+    src = _Source(model, data, where, chunk_tracks=chunk_tracks, cache_mb=0.0 if solver == "direct" else cache_mb,
+                  cache_precision=cache_precision)
     say = log or (lambda _: None)
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    free = constraints.free[:, 0].numpy() > 0
     q = constraints.q.numpy()
     th0 = model.theta().reshape(-1).numpy().copy()
     th = th0.copy()
@@ -966,8 +1107,9 @@ def refine(
     prior_start = 0.0
     prior_now = 0.0
     for it in range(1, gn_iterations + 1):
-        with bar(f"refine GN {it}: cost, gradient, blocks") as b:
-            system = _system(src, b)
+        dense = _DenseBlock(n, candidates) if solver == "direct" else None
+        with bar(f"refine GN {it}: cost, gradient, {'H' if dense is not None else 'blocks'}") as b:
+            system = _system(src, b, dense)
         passes += 1
         n_batches = n_batches if n_batches is not None else (b.n if progress else None)
         cost = system.cost
@@ -997,55 +1139,67 @@ def refine(
         say(f"GN {it}: C = {cost:.10g}{with_prior} ({system.events} events, {system.tracks} tracks, "
             f"{int(active.sum())} active sensors), pass {system.seconds:.1f} s, cached "
             f"{src.cached_bytes / 2**20:.0f} MB")
-        cg_bar = tqdm(total=cg_iterations, desc=f"refine GN {it}: CG", unit="it", disable=not progress)
+        if dense is not None:
+            t_d = time.perf_counter()
+            ds = _direct_step(dense, active, g, None if prior is None else prior.curvature, cons)
+            dense = None
+            x = ds.x
+            xhx = 2.0 * (ds.predicted - _dot(g, x))
+            rec.solver, rec.direct_dropped, rec.direct_seconds = "direct", ds.dropped, time.perf_counter() - t_d
+            rec.grad_norm, rec.cg_iterations, rec.converged, rec.predicted_change = ds.grad_norm, 0, True, ds.predicted
+            say(f"GN {it}: direct solve of {6 * int(active.sum())} parameters in {rec.direct_seconds:.1f} s, curvatures "
+                f"{ds.eig_min:.3g} .. {ds.eig_max:.3g}, {ds.dropped} directions without curvature left out")
+        else:
+            cg_bar = tqdm(total=cg_iterations, desc=f"refine GN {it}: CG", unit="it", disable=not progress)
 
-        def hessian(p: Tensor, b: Any, prior: _PriorTerm | None = prior) -> Tensor:
-            hp = _matvec(src, p, b)[0]
-            return hp if prior is None else hp + prior.curvature * p
+            def hessian(p: Tensor, b: Any, prior: _PriorTerm | None = prior) -> Tensor:
+                hp = _matvec(src, p, b)[0]
+                return hp if prior is None else hp + prior.curvature * p
 
-        def matvec(p: Tensor, k: int) -> Tensor:
-            with bar(f"CG {k}: H p") as b:
-                return hessian(p, b)
+            def matvec(p: Tensor, k: int) -> Tensor:
+                with bar(f"CG {k}: H p") as b:
+                    return hessian(p, b)
 
-        if coarse is not None and coarse.shape[1]:
-            t_c = time.perf_counter()
-            with tqdm(total=coarse.shape[1], desc=f"refine GN {it}: coarse Z^T H Z", unit="col",
-                      disable=not progress) as cbar:
-                def coarse_matvec(z: Tensor) -> Tensor:
-                    cbar.update(1)
-                    with bar("coarse: H z") as b:
-                        return hessian(z, b)
+            if coarse is not None and coarse.shape[1]:
+                t_c = time.perf_counter()
+                with tqdm(total=coarse.shape[1], desc=f"refine GN {it}: coarse Z^T H Z", unit="col",
+                          disable=not progress) as cbar:
+                    def coarse_matvec(z: Tensor) -> Tensor:
+                        cbar.update(1)
+                        with bar("coarse: H z") as b:
+                            return hessian(z, b)
 
-                cc = _CoarseLevel(coarse, cons, active, coarse_matvec)
-            passes += cc.z.shape[1]
-            rec.coarse_size, rec.coarse_dropped = cc.size, cc.dropped
-            rec.coarse_seconds = time.perf_counter() - t_c
+                    cc = _CoarseLevel(coarse, cons, active, coarse_matvec)
+                passes += cc.z.shape[1]
+                rec.coarse_size, rec.coarse_dropped = cc.size, cc.dropped
+                rec.coarse_seconds = time.perf_counter() - t_c
 
-            def two_level(r: Tensor, cc: _CoarseLevel = cc) -> Tensor:
-                return cc.apply(r, jacobi)
+                def two_level(r: Tensor, cc: _CoarseLevel = cc) -> Tensor:
+                    return cc.apply(r, jacobi)
 
-            precond = two_level
+                precond = two_level
 
-            say(f"GN {it}: coarse space of {cc.size} directions ({cc.dropped} without curvature dropped), "
-                f"{rec.coarse_seconds:.1f} s")
+                say(f"GN {it}: coarse space of {cc.size} directions ({cc.dropped} without curvature dropped), "
+                    f"{rec.coarse_seconds:.1f} s")
 
-        def report(cg: CGRecord) -> None:
-            rec.cg.append(cg)
-            cg_bar.update(1)
-            cg_bar.set_postfix(rel_res=f"{cg.relative_residual:.2e}", dC=f"{cg.predicted_change:.3e}")
-            if on_iteration is not None:
-                on_iteration(cg)
+            def report(cg: CGRecord) -> None:
+                rec.cg.append(cg)
+                cg_bar.update(1)
+                cg_bar.set_postfix(rel_res=f"{cg.relative_residual:.2e}", dC=f"{cg.predicted_change:.3e}")
+                if on_iteration is not None:
+                    on_iteration(cg)
 
-        try:
-            sol = _pcg(matvec, precond, g, cg_iterations, tol, it, t_start, report)
-        finally:
-            cg_bar.close()
-        passes += len(rec.cg)
-        x, r = sol.x, sol.r
-        rec.grad_norm, rec.cg_iterations, rec.converged = sol.residual0, len(rec.cg), sol.converged
-        rec.predicted_change = sol.predicted
-        if sol.note:
-            say(f"GN {it}: CG {sol.note}")
+            try:
+                sol = _pcg(matvec, precond, g, cg_iterations, tol, it, t_start, report)
+            finally:
+                cg_bar.close()
+            passes += len(rec.cg)
+            x = sol.x
+            xhx = _dot(sol.r - g, x)  # x.H x = (r - g).x
+            rec.grad_norm, rec.cg_iterations, rec.converged = sol.residual0, len(rec.cg), sol.converged
+            rec.predicted_change = sol.predicted
+            if sol.note:
+                say(f"GN {it}: CG {sol.note}")
         # the step: exactly on the constraint surface (the CG iterates are, to rounding)
         step = cons.project(x)
         scale = 1.0
@@ -1067,15 +1221,16 @@ def refine(
         rec.step_scale = scale
         rec.cost_after, rec.prior_after = new_cost, new_prior
         if scale != 1.0:  # q(s x) = s g.x + s^2 x.H x / 2 with x.H x = (r - g).x
-            rec.predicted_change = float(scale * _dot(g, x) + 0.5 * scale**2 * _dot(r - g, x))
+            rec.predicted_change = float(scale * _dot(g, x) + 0.5 * scale**2 * xhx)
         rec.max_step = float((scale * step).abs().max())
         rec.time_s = time.perf_counter() - t_start
         theta = model.theta()
         cost, prior_now = new_cost, new_prior
         prior_change = "" if prior is None else (f", prior term {rec.prior_after:.6g} (change "
                                                  f"{rec.prior_after - rec.prior_before:.4g})")
-        say(f"GN {it}: {rec.cg_iterations} CG iterations (relative residual "
-            f"{sol.relative:.2e}), predicted {'dC' if prior is None else 'd(C + prior)'} = "
+        how = "direct solve" if rec.solver == "direct" else (f"{rec.cg_iterations} CG iterations (relative residual "
+                                                             f"{sol.relative:.2e})")
+        say(f"GN {it}: {how}, predicted {'dC' if prior is None else 'd(C + prior)'} = "
             f"{rec.predicted_change:.4g}, "
             f"actual {'' if prior is None else 'dC '}{new_cost - rec.cost_before:.4g} (times events: "
             f"{(new_cost - rec.cost_before) * system.events:.4g}){prior_change}, max |dTheta| {rec.max_step:.3g}")
@@ -1235,13 +1390,22 @@ def refine_run(
     coarse: str = "none",
     presigma_rot: float | None = None,
     presigma_trans: float | None = None,
+    solver: str = "cg",
+    mode_constraints: bool = True,
+    start: str | os.PathLike[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`refine` on a run directory of the alignment workers (``streamcal its refine``).
     ``coarse``: the two-level preconditioner's coarse space, one of :data:`COARSE_SPACES`;
     ``presigma_rot`` (rad), ``presigma_trans`` (mm): the prior towards the nominal geometry
-    (:class:`Presigma`; None: none), recorded in ``refine.json``'s ``options`` and ``presigma``.
+    (:class:`Presigma`; None: none), recorded in ``refine.json``'s ``options`` and ``presigma``;
+    ``solver``: ``"cg"`` or ``"direct"`` (:func:`refine`); ``mode_constraints`` False: the run's
+    weak-mode constraints are left out of the steps (its fixed layers stay fixed), for a subset of
+    ``layers`` solved against the others (``run.json`` keeps the run's constraints: the frame of
+    the evaluation's reference). ``start``: another run directory of the same detector and truth
+    (e.g. an earlier refine on part of the data) whose ``theta.npy`` is the start instead of the
+    run's.
 
     Reads ``run_dir/run.json`` (geometry, cost, constraints), starts from ``run_dir/theta.npy``,
     streams the spooled tracks (:class:`SpoolTracks`; the first ``events`` events) and writes
@@ -1279,10 +1443,19 @@ def refine_run(
     rc = load_run_config(rd)
     geom = build_geometry(rc.geometry)
     theta0 = _load_theta(rd / THETA_NPY, geom.n_sensors)
-    _load_theta(rd / THETA_TRUE_NPY, geom.n_sensors)  # checked before the work
+    truth = _load_theta(rd / THETA_TRUE_NPY, geom.n_sensors)  # checked before the work
+    if start is not None:
+        sd = Path(start)
+        if not sd.is_dir():
+            raise RunFormatError(sd, "not a directory (expected a run directory whose theta.npy is the start)")
+        if not np.array_equal(_load_theta(sd / THETA_TRUE_NPY, geom.n_sensors), truth):
+            raise RunFormatError(sd / THETA_TRUE_NPY, f"differs from {rd / THETA_TRUE_NPY}: the start must be a "
+                                                      "run of the same simulated detector")
+        theta0 = _load_theta(sd / THETA_NPY, geom.n_sensors)
     model = ITSAlignmentModel.from_geometry(geom, replace(rc.model, precision="float64"))
     model.set_theta(torch.from_numpy(theta0))
-    constraints = rc.constraints.build(geom)
+    spec = rc.constraints if mode_constraints else replace(rc.constraints, modes=())
+    constraints = spec.build(geom)
     if coarse not in COARSE_SPACES:
         raise ValueError(f"refine_run: coarse must be one of {list(COARSE_SPACES)}, got {coarse!r}")
     basis = coarse_basis(geom, COARSE_SPACES[coarse]) if COARSE_SPACES[coarse] else None
@@ -1310,19 +1483,24 @@ def refine_run(
         result = refine(model, tracks, constraints, gn_iterations=gn_iterations, cg_iterations=cg_iterations,
                         tol=tol, chunk_tracks=chunk_tracks, cache_mb=cache_mb, cache_precision=cache_precision,
                         min_sensor_hits=min_sensor_hits, sensors=solve, coarse=basis, presigma_rot=presigma_rot,
-                        presigma_trans=presigma_trans, progress=progress, log=log, on_iteration=on_iteration)
+                        presigma_trans=presigma_trans, solver=solver, progress=progress, log=log,
+                        on_iteration=on_iteration)
     n_events = int(tracks.info.get("events", 0))
     metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in _metrics_rows(result, n_events)))
     np.save(out / THETA_NPY, result.theta.numpy())
     cg_s = [c.pass_s for g in result.gn for c in g.cg]
     summary = {
-        "source_run": str(rd), "method": "Gauss-Newton, projected preconditioned conjugate gradients (matrix-free)",
+        "source_run": str(rd),
+        "method": ("Gauss-Newton, dense constrained solve of the solved sensors' normal equations" if solver == "direct"
+                   else "Gauss-Newton, projected preconditioned conjugate gradients (matrix-free)"),
         "options": {"events": events, "gn_iterations": gn_iterations, "cg_iterations": cg_iterations, "tol": tol,
                     "min_hits": min_hits, "min_sensor_hits": min_sensor_hits,
                     "layers": None if layers is None else list(layers), "cache_mb": cache_mb,
                     "cache_precision": cache_precision, "coarse": coarse, "presigma_rot": presigma_rot,
-                    "presigma_trans": presigma_trans, "chunk_tracks": chunk_tracks, "threads": torch.get_num_threads()},
-        "constraints": {"modes": list(rc.constraints.modes), "fixed_layers": list(rc.constraints.fixed_layers)},
+                    "presigma_trans": presigma_trans, "solver": solver, "mode_constraints": mode_constraints,
+                    "start": None if start is None else str(start),
+                    "chunk_tracks": chunk_tracks, "threads": torch.get_num_threads()},
+        "constraints": {"modes": list(spec.modes), "fixed_layers": list(spec.fixed_layers)},
         "spool": tracks.info, "rejects": asdict(tracks.rejects),
         "seconds_per_pass": {"system": [g.system_s for g in result.gn],
                              "cg_median": float(np.median(cg_s)) if cg_s else None,
