@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -625,12 +626,19 @@ class _QueueDepth:
 
 def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool,
            depth: "_QueueDepth | None" = None) -> tuple[str, list[str]]:
-    """Poll replicas until all are done; handle Ctrl-C; name stuck edges."""
+    """Poll replicas until all are done; handle Ctrl-C and SIGTERM (the first drains, the second
+    aborts); name stuck edges."""
     stall = max(spec.settings.stall_timeout_s, 1.0)
     last_total, last_change = -1, time.monotonic()
     interrupted = 0
     statuses: dict[str, dict] = {}
     bar = _Progress(progress)
+    previous_term = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_term(signum: int, frame: Any) -> None:  # `kill`, a batch system, a service manager
+            raise KeyboardInterrupt
+
+        previous_term = signal.signal(signal.SIGTERM, _on_term)
     try:
         while True:
             try:
@@ -668,7 +676,8 @@ def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool,
             except KeyboardInterrupt:
                 interrupted += 1
                 if interrupted == 1:
-                    print("\nstopping: sources end their streams, the graph drains (Ctrl-C again to abort)")
+                    print("\nstopping: sources end their streams, the graph drains "
+                          "(Ctrl-C or SIGTERM again to abort)")
                     for st in spec.stages:
                         if not st.inputs:
                             for r in range(st.replicas):
@@ -681,6 +690,8 @@ def _watch(spec: GraphSpec, actors: dict[str, Any], progress: bool,
                     return "aborted", ["aborted by the user"]
     finally:
         bar.close(statuses)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _stuck_report(statuses: dict[str, dict], dead: list[str]) -> list[str]:

@@ -147,9 +147,11 @@ def test_tap_needs_a_graph_or_an_endpoint(capsys):
 
 
 @pytest.mark.ray
-def test_ctrl_c_stops_the_sources_and_drains(tmp_path):
-    """SIGINT to ``streamcal run``: the sources end their streams early, everything sent is
-    delivered, the summary is printed and the exit code is 0."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_the_sources_and_drains(tmp_path, sig):
+    """SIGINT (Ctrl-C) or SIGTERM (``kill``, a batch system) to ``streamcal run``: the sources end
+    their streams early, everything sent is delivered, the summary is printed and the exit code
+    is 0."""
     import signal
     import time
 
@@ -170,13 +172,13 @@ def test_ctrl_c_stops_the_sources_and_drains(tmp_path):
         first = p.stdout.readline()  # printed once every replica runs
         assert first.startswith("running long: 2 replicas started"), first + p.stderr.read()[-3000:]
         time.sleep(3)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(getattr(signal, sig))
         try:
             out, err = p.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
-            pytest.fail(f"`streamcal run` did not end within 90 s of SIGINT\nstdout tail:\n{out[-3000:]}\n"
+            pytest.fail(f"`streamcal run` did not end within 90 s of {sig}\nstdout tail:\n{out[-3000:]}\n"
                         f"stderr tail:\n{err[-6000:]}")
     finally:
         p.kill()

@@ -1147,8 +1147,8 @@ def refine(
             xhx = 2.0 * (ds.predicted - _dot(g, x))
             rec.solver, rec.direct_dropped, rec.direct_seconds = "direct", ds.dropped, time.perf_counter() - t_d
             rec.grad_norm, rec.cg_iterations, rec.converged, rec.predicted_change = ds.grad_norm, 0, True, ds.predicted
-            say(f"GN {it}: direct solve of {6 * int(active.sum())} parameters in {rec.direct_seconds:.1f} s, curvatures "
-                f"{ds.eig_min:.3g} .. {ds.eig_max:.3g}, {ds.dropped} directions without curvature left out")
+            say(f"GN {it}: direct solve of {6 * int(active.sum())} parameters in {rec.direct_seconds:.1f} s, "
+                f"curvatures {ds.eig_min:.3g} .. {ds.eig_max:.3g}, {ds.dropped} directions without curvature left out")
         else:
             cg_bar = tqdm(total=cg_iterations, desc=f"refine GN {it}: CG", unit="it", disable=not progress)
 
