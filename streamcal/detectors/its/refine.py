@@ -79,13 +79,20 @@ P_ij v_i v_j^T``, tracks grouped by their number of such hits so that nothing is
 step is solved exactly in the constraints' null space (``Z^T H Z`` by eigen-decomposition,
 :func:`_direct_step`): one pass per Gauss-Newton iteration instead of one per CG iteration, no
 linearisation kept, so the data can be far larger than the CG cache allows (Millepede-II's
-"inversion" method). On the full ITS2 the inner barrel (432 chips, 2,592 parameters) costs ~40 %
-more per pass than the plain system pass and ~20 s for the solve. The held sensors are the frame:
-with ``mode_constraints`` off (``refine_run``) the inner barrel's collective motion relative to
-the outer one is measured rather than held at its start. Their errors enter the solved sensors'
-result: on the 1M-event run above, from the workers' Theta (outer layers' means off by up to 16
-um in z and -43 urad in rot_u) the inner barrel ends at du 1.5-2.3 um (pulls 23-45, against
-0.27-0.40 um after the global refine): the held sensors must come from a global solve.
+"inversion" method). On the full ITS2 the inner barrel (432 chips, 2,592 parameters) costs ~20 %
+more per pass than the plain system pass (3.1 against 2.6 s per 128k tracks, one thread) and
+~30 s for the solve. The held sensors are the frame: with ``mode_constraints`` off
+(``refine_run``) the inner barrel's collective motion relative to the outer one is measured
+rather than held at its start. Their errors enter the solved sensors' result: on a 1M-event run,
+from the workers' Theta (outer layers' means off by up to 16 um in z and -43 urad in rot_u) the
+inner barrel ends at du 1.5-2.3 um (pulls 23-45, against 0.27-0.40 um after the global refine):
+the held sensors must come from a global solve. From the global refine of 1M events (CG, prior
+1e-4 rad / 0.02 mm), the inner barrel solved directly on 5M events (the seed's data: 39.9M
+tracks, one Gauss-Newton iteration, its predicted change -1.626e-5 against -1.637e-5 actual;
+1224 s for the pass on a shared machine): inner layers rot_w 3.6 / 4.5 / 6.0 urad (1M: 7.0 /
+9.1 / 13.7; pulls 1.4 / 1.2 / 0.9), rot_u 8.3 / 11.4 / 16.1, rot_v 27 / 27 / 30 (lone-chip
+bounds 5.3 / 10.7 / 20.4: the radial DoFs keep a floor from the held outer chips' radial errors),
+du 0.24-0.36 um, dv 0.16-0.21 um.
 
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
