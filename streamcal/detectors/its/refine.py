@@ -1130,15 +1130,6 @@ def refine(
             g = g + prior.grad(theta)
             blocks = blocks + torch.diag_embed(prior.curvature)
         cons = constraints.with_free(active)
-        minv = _preconditioner(blocks, active, damping)
-        proj = cons.projection(minv)
-        act6 = torch.from_numpy(active)[:, None].to(torch.float64)
-
-        def jacobi(r: Tensor) -> Tensor:
-            return proj(torch.einsum("nij,nj->ni", minv, r * act6))
-
-        precond = jacobi
-
         rec = GNRecord(it, cost, math.nan, 0.0, 0.0, 0, False, 1.0, 0.0, int(active.sum()), system.seconds,
                        time.perf_counter() - t_start, prior_before=prior_now)
         records.append(rec)
@@ -1156,7 +1147,15 @@ def refine(
             rec.grad_norm, rec.cg_iterations, rec.converged, rec.predicted_change = ds.grad_norm, 0, True, ds.predicted
             say(f"GN {it}: direct solve of {6 * int(active.sum())} parameters in {rec.direct_seconds:.1f} s, "
                 f"curvatures {ds.eig_min:.3g} .. {ds.eig_max:.3g}, {ds.dropped} directions without curvature left out")
-        else:
+        else:  # block Jacobi on the diagonal blocks (the direct solver's pass does not form them)
+            minv = _preconditioner(blocks, active, damping)
+            proj = cons.projection(minv)
+            act6 = torch.from_numpy(active)[:, None].to(torch.float64)
+
+            def jacobi(r: Tensor) -> Tensor:
+                return proj(torch.einsum("nij,nj->ni", minv, r * act6))
+
+            precond = jacobi
             cg_bar = tqdm(total=cg_iterations, desc=f"refine GN {it}: CG", unit="it", disable=not progress)
 
             def hessian(p: Tensor, b: Any, prior: _PriorTerm | None = prior) -> Tensor:
