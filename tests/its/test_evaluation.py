@@ -39,6 +39,7 @@ from streamcal.detectors.its.evaluation import (
     robust_sigma,
     sensor_precision,
     simulate_eval_sample,
+    solve_errors,
     write_run_json,
 )
 from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
@@ -375,6 +376,84 @@ def test_cli_evaluate_dispatch(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------
 # What the data can tell about each sensor
+
+
+def _global_covariance(geom, sigma_local: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """(N, 6, 6) covariance of Theta for independent local errors ``sigma_local`` (N, 6; rad, mm):
+    ``J diag(sigma^2) J^T`` with ``J`` the derivative of ``local_to_global`` at 0 by central
+    differences."""
+    n = geom.n_sensors
+    jac = np.zeros((n, 6, 6))
+    for j in range(6):
+        step = np.zeros((n, 6))
+        step[:, j] = eps
+        jac[:, :, j] = (local_to_global(geom, step) - local_to_global(geom, -step)) / (2 * eps)
+    return np.einsum("nij,nj,nkj->nik", jac, sigma_local**2, jac)
+
+
+def test_solve_errors_are_taken_to_the_local_frame(geom):
+    """:func:`solve_errors`: a covariance of Theta built from known local errors (through
+    ``local_to_global``'s derivative, independent of ``align.local_basis``) gives back those errors
+    per layer and DoF (RMS over the sensors that have a block, in urad and um, to 1e-6), the
+    residual's RMS over the same sensors and the pulls; sensors without a block (NaN) or outside
+    the selection are left out."""
+    n = geom.n_sensors
+    rng = np.random.default_rng(3)
+    sigma = np.exp(rng.uniform(-1, 1, (n, 6))) * np.array([1e-5] * 3 + [1e-3] * 3)  # ~10 urad, ~1 um
+    cov = _global_covariance(geom, sigma)
+    cov[geom.layer == 3] = np.nan  # not solved
+    sel = np.ones(n, dtype=bool)
+    sel[:5] = False
+    resid = rng.standard_normal((n, 6)) * 2.0
+    out = solve_errors(geom, ITSAlignmentConfig(), cov, resid, sel)
+    scale = np.array([1e6] * 3 + [1e3] * 3)
+    assert out["sensors_per_layer"] == [int(((geom.layer == li) & sel).sum()) if li < 3 else 0 for li in range(4)]
+    for jd, dof in enumerate(DOFS):
+        for li in range(4):
+            m = sel & (geom.layer == li)
+            if li == 3:
+                assert out[dof]["sigma_rms"][li] is None and out[dof]["pull_rms"][li] is None
+                continue
+            sig = sigma[m, jd] * scale[jd]
+            assert out[dof]["sigma_rms"][li] == pytest.approx(np.sqrt(np.mean(sig**2)), rel=1e-6)
+            assert out[dof]["residual_rms"][li] == pytest.approx(np.sqrt(np.mean(resid[m, jd] ** 2)), rel=1e-12)
+            assert out[dof]["pull_rms"][li] == pytest.approx(np.sqrt(np.mean((resid[m, jd] / sig) ** 2)), rel=1e-6)
+
+
+def test_a_run_with_the_solves_covariance(tmp_path, capsys, geom):
+    """``theta_cov.npy`` beside ``theta.npy`` (``streamcal its refine --solver direct``): loaded
+    with the run (blocks all finite or all NaN, symmetric, shape of the geometry; a bad file is
+    named) and reported by ``evaluate_run`` as ``residuals.solve_errors`` and by ``streamcal
+    evaluate align`` as a row of its table."""
+    small = build_geometry(TINY)
+    truth = misalign(small, MISALIGN)
+    _write_run(tmp_path, _config(TINY, simulation=TINY_SIM), truth, truth)
+    sigma = np.full((small.n_sensors, 6), 2e-6)
+    cov = _global_covariance(small, sigma)
+    cov[0] = np.nan
+    np.save(tmp_path / "theta_cov.npy", cov)
+    run = load_run(tmp_path)
+    assert np.isnan(run.theta_cov[0]).all() and np.isfinite(run.theta_cov[1:]).all()
+    s = evaluate_run(tmp_path, config=EvaluationConfig(events=300))
+    errs = s["residuals"]["solve_errors"]
+    assert sum(errs["sensors_per_layer"]) == small.n_sensors - 1
+    assert errs["rot_u"]["sigma_rms"][0] == pytest.approx(2.0, rel=1e-6)  # urad
+    assert errs["du"]["pull_rms"][0] == 0.0  # Theta is the truth
+    assert errs["all_layers"]["sigma_rms"]["dw"] == pytest.approx(2e-3, rel=1e-6)  # um
+    capsys.readouterr()
+    assert main(["evaluate", "align", "--run", str(tmp_path), "--report", str(tmp_path / "report"), "--events",
+                 "300"]) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("solve's errors"))
+    assert row.split()[2:] == ["2", "2", "2", "0.002", "0.002", "0.002"]
+    bad = cov.copy()
+    bad[1, 0, 0] = np.nan
+    for arr, match in ((cov[:-1], r"must be .* shape \(%d, 6, 6\)" % small.n_sensors),
+                       (bad, "sensor 1: a block must be all"),
+                       (cov + np.triu(np.full((6, 6), 1e-9), 1), "the blocks must be symmetric")):
+        np.save(tmp_path / "theta_cov.npy", arr)
+        with pytest.raises(RunFormatError, match=r"theta_cov\.npy: " + match):
+            load_run(tmp_path)
+    load_run(tmp_path, arrays=False)  # a run to compare costs with does not read it
 
 
 def test_sensor_precision_is_the_error_of_a_lone_sensor_fit_and_bounds_the_global_one():

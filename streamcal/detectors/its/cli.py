@@ -63,6 +63,12 @@ def _table(summary: dict[str, Any]) -> str:
         n = summary["residuals"]["reached_sensors"]
         rows.append(f"{'after, reached':16s} " + " ".join(f"{num(h['residual_rms_after_reached'][d]):>14s}" for d in units)
                     + f"   ({n} sensors with >= {summary['residuals']['min_sensor_hits']} expected training hits)")
+    errs = summary["residuals"].get("solve_errors")
+    if errs:
+        n = sum(errs["sensors_per_layer"])
+        for label, key in (("after, solved", "residual_rms"), ("solve's errors", "sigma_rms")):
+            rows.append(f"{label:16s} " + " ".join(f"{num(errs['all_layers'][key][d]):>14s}" for d in units)
+                        + ("" if key == "sigma_rms" else f"   ({n} sensors with the solve's errors, theta_cov.npy)"))
     rows.append("DCA_xy max |bias| [um]: " + ", ".join(f"{k} {num(v)}" for k, v in h["dca_bias_max_abs_um"].items()))
     ratio = ", ".join(num(r) for r in h["dca_resolution_ratio_after_ideal"])
     worst = num(h["dca_resolution_ratio_after_ideal_max"])

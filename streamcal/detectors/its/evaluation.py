@@ -34,7 +34,11 @@ Quantities (:func:`evaluate_run`; :func:`write_report` writes ``summary.json`` a
    sensors are left out of the statistics. Also over the sensors the training data reach
    (``EvaluationConfig.min_sensor_hits`` expected hits, from a fresh sample selected as in
    training and scaled to the run's events, :func:`sensor_precision`), with the median expected
-   error of a sensor fitted alone and the RMS of the pulls residual / that error per layer.
+   error of a sensor fitted alone and the RMS of the pulls residual / that error per layer. When
+   the run directory holds the solve's own covariance (``theta_cov.npy``, ``streamcal its refine
+   --solver direct``): per layer and DoF the RMS of those errors (the residual's RMS at the
+   statistical limit of the data, correlations through the tracks included), the residual's RMS
+   over the same sensors and their pulls (:func:`solve_errors`).
 2. DCA_xy vs pT on fresh test samples (the run's simulation with another seed): on the ideal
    geometry fitted with Theta = 0 (``ideal``) and on the true misaligned geometry fitted with
    Theta = 0 (``before``) and with the run's Theta (``after``). Each track is fitted without the
@@ -120,6 +124,7 @@ __all__ = [
     "chi2_per_track",
     "SensorPrecision",
     "sensor_precision",
+    "solve_errors",
     "EvaluationConfig",
     "default_test_seed",
     "evaluate_run",
@@ -131,6 +136,8 @@ __all__ = [
 RUN_JSON = "run.json"
 THETA_NPY = "theta.npy"
 THETA_TRUE_NPY = "theta_true.npy"
+# optional: (N, 6, 6) covariance blocks of Theta (``streamcal its refine --solver direct``)
+THETA_COV_NPY = "theta_cov.npy"
 METRICS_JSONL = "metrics.jsonl"
 DOFS: tuple[str, ...] = ("rot_u", "rot_v", "rot_w", "du", "dv", "dw")
 DOF_UNITS: dict[str, str] = {"rot_u": "urad", "rot_v": "urad", "rot_w": "urad", "du": "um", "dv": "um", "dw": "um"}
@@ -447,6 +454,8 @@ class AlignmentRun:
         config: its ``run.json``.
         metrics: its ``metrics.jsonl``.
         theta, theta_true: (N, 6) fitted and true Theta (None when loaded without arrays).
+        theta_cov: (N, 6, 6) covariance blocks of Theta (``theta_cov.npy``, written by ``streamcal
+            its refine --solver direct``; NaN for the sensors it did not solve), or None.
     """
 
     run_dir: Path
@@ -454,6 +463,7 @@ class AlignmentRun:
     metrics: RunMetrics
     theta: np.ndarray | None = None
     theta_true: np.ndarray | None = None
+    theta_cov: np.ndarray | None = None
 
     @property
     def label(self) -> str:
@@ -486,12 +496,37 @@ def load_run(run_dir: str | os.PathLike[str], *, arrays: bool = True) -> Alignme
         raise RunFormatError(rd, "not a directory (expected a run directory of the alignment workers)")
     config = load_run_config(rd)
     metrics = read_metrics(rd / METRICS_JSONL)
-    theta = theta_true = None
+    theta = theta_true = cov = None
     if arrays:
         n = config.geometry.n_sensors
         theta = _load_theta(rd / THETA_NPY, n)
         theta_true = _load_theta(rd / THETA_TRUE_NPY, n)
-    return AlignmentRun(rd, config, metrics, theta, theta_true)
+        if (rd / THETA_COV_NPY).exists():
+            cov = _load_covariance(rd / THETA_COV_NPY, n)
+    return AlignmentRun(rd, config, metrics, theta, theta_true, cov)
+
+
+def _load_covariance(path: Path, n_sensors: int) -> np.ndarray:
+    """``theta_cov.npy``: (N, 6, 6) symmetric blocks, finite or all NaN per sensor (not solved)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RunFormatError(path, f"not a readable .npy array: {exc}") from exc
+    if not isinstance(arr, np.ndarray) or arr.shape != (n_sensors, 6, 6) or not np.issubdtype(arr.dtype, np.floating):
+        raise RunFormatError(path, f"must be a floating-point array of shape ({n_sensors}, 6, 6) for the run's "
+                                   f"geometry, got {getattr(arr, 'dtype', None)} {getattr(arr, 'shape', None)}")
+    arr = arr.astype(np.float64)
+    finite = np.isfinite(arr).reshape(n_sensors, 36)
+    mixed = finite.any(1) & ~finite.all(1)
+    if mixed.any():
+        raise RunFormatError(path, f"sensor {int(np.flatnonzero(mixed)[0])}: a block must be all finite or all NaN "
+                                   "(not solved)")
+    ok = finite.all(1)
+    diag = np.diagonal(arr[ok], axis1=1, axis2=2)
+    if (diag < 0).any() or np.abs(arr[ok] - arr[ok].transpose(0, 2, 1)).max(initial=0.0) > 1e-9 * max(
+            float(np.abs(diag).max(initial=0.0)), 1e-300):
+        raise RunFormatError(path, "the blocks must be symmetric with a non-negative diagonal (covariances)")
+    return arr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -904,6 +939,44 @@ def _precision_summary(geom: ITSGeometry, prec: SensorPrecision, residual: np.nd
     return out
 
 
+def solve_errors(geom: ITSGeometry, model_config: ITSAlignmentConfig, cov: np.ndarray, residual: np.ndarray,
+                 sel: np.ndarray) -> dict[str, Any]:
+    """The solve's own errors (``theta_cov``, :attr:`AlignmentRun.theta_cov`) against the residual
+    misalignment ``residual`` (N, 6; local deltas in urad and um), over the sensors ``sel`` that
+    have them: per DoF and layer (and over all layers, ``all_layers``) the sensors, the expected
+    RMS ``sqrt(mean sigma^2)`` (what the residual's RMS is at the statistical limit of these data),
+    the residual's RMS over the same sensors and the RMS of the pulls residual / sigma (1: at that
+    limit). The covariance blocks are
+    taken to the local frame with :func:`align.local_basis` (``cov_local = L^-1 cov L^-T``)."""
+    model = ITSAlignmentModel.from_geometry(geom, replace(model_config, precision="float64"))
+    linv = torch.linalg.inv(local_basis(model)).numpy()
+    ok = sel & np.isfinite(cov[:, 0, 0])
+    cov_loc = np.full_like(cov, np.nan)
+    cov_loc[ok] = linv[ok] @ cov[ok] @ linv[ok].transpose(0, 2, 1)
+    sig = np.sqrt(np.clip(np.diagonal(cov_loc, axis1=1, axis2=2), 0.0, None)) * _DOF_SCALE
+    out: dict[str, Any] = {"sensors_per_layer": [int((ok & (geom.layer == li)).sum()) for li in range(geom.n_layers)]}
+    pooled: dict[str, dict[str, float | None]] = {"sigma_rms": {}, "residual_rms": {}, "pull_rms": {}}
+    for jd, dof in enumerate(DOFS):
+        m = ok & (sig[:, jd] > 0)
+        pooled["sigma_rms"][dof] = float(np.sqrt(np.mean(sig[m, jd] ** 2))) if m.any() else None
+        pooled["residual_rms"][dof] = float(np.sqrt(np.mean(residual[m, jd] ** 2))) if m.any() else None
+        pooled["pull_rms"][dof] = float(np.sqrt(np.mean((residual[m, jd] / sig[m, jd]) ** 2))) if m.any() else None
+    out["all_layers"] = pooled
+    for jd, dof in enumerate(DOFS):
+        rows: dict[str, list[float | None]] = {"sigma_rms": [], "residual_rms": [], "pull_rms": []}
+        for li in range(geom.n_layers):
+            m = ok & (geom.layer == li) & (sig[:, jd] > 0)
+            if not m.any():
+                for v in rows.values():
+                    v.append(None)
+                continue
+            rows["sigma_rms"].append(float(np.sqrt(np.mean(sig[m, jd] ** 2))))
+            rows["residual_rms"].append(float(np.sqrt(np.mean(residual[m, jd] ** 2))))
+            rows["pull_rms"].append(float(np.sqrt(np.mean((residual[m, jd] / sig[m, jd]) ** 2))))
+        out[dof] = rows
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The report
 
@@ -1057,6 +1130,13 @@ def evaluate_run(
         residuals["precision_reached"] = _precision_summary(geom, prec, d_after, reached)
         say(f"sensor precision: {int(reached.sum())} of {int(free.sum())} free sensors reached "
             f"(>= {cfg.min_sensor_hits} expected hits in {train_events} training events)")
+    if run.theta_cov is not None:
+        d_after = (global_to_local(geom, run.theta) - global_to_local(geom, reference)) * _DOF_SCALE
+        errs = solve_errors(geom, rc.model, run.theta_cov, d_after, free)
+        residuals["solve_errors"] = errs
+        say(f"the solve's errors ({THETA_COV_NPY}): {sum(errs['sensors_per_layer'])} sensors; expected RMS "
+            + ", ".join(f"{dof} {'/'.join('-' if v is None else f'{v:.3g}' for v in errs[dof]['sigma_rms'])}"
+                        for dof in DOFS))
     fits = {"ideal": (ideal, zeros), "before": (mis, zeros), "after": (mis, run.theta)}
     dca = {k: dca_xy(geom, s, th, rc.model) for k, (s, th) in fits.items()}
     bins = {k: dca_vs_pt(r, cfg.pt_edges, cfg.min_count) for k, r in dca.items()}
