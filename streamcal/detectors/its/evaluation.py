@@ -1270,6 +1270,11 @@ def _plot_residuals(path: Path, res: dict[str, Any]) -> None:
             ax.plot(layers + off, np.maximum(mean, floor), "k_", ms=14, mew=2)
             ax.plot(layers + off, np.maximum(mean, floor), "o", ms=4, color="k",
                     label="|mean|" if key == "before" else None)
+        if res.get("solve_errors"):  # the statistical limit the solve's own errors give (theta_cov.npy)
+            sig = _nan(res["solve_errors"][dof]["sigma_rms"])
+            allv.append(sig)
+            ax.plot(layers + 0.2, sig, "D", ms=6, color="forestgreen", mec="k", linestyle="none",
+                    label="RMS of the solve's errors")
         _log_if_positive(ax, "y", np.maximum(np.concatenate(allv), floor))
         ax.set_xticks(layers)
         ax.set_xlabel("layer")
