@@ -96,9 +96,12 @@ the held sensors must come from a global solve. From the global refine of 1M eve
 1e-4 rad / 0.02 mm), the inner barrel solved directly on 5M events (the seed's data: 39.9M
 tracks, one Gauss-Newton iteration, its predicted change -1.626e-5 against -1.637e-5 actual;
 1224 s for the pass on a shared machine): inner layers rot_w 3.6 / 4.5 / 6.0 urad (1M: 7.0 /
-9.1 / 13.7; pulls 1.4 / 1.2 / 0.9), rot_u 8.3 / 11.4 / 16.1, rot_v 27 / 27 / 30 (lone-chip
-bounds 5.3 / 10.7 / 20.4: the radial DoFs keep a floor from the held outer chips' radial errors),
-du 0.24-0.36 um, dv 0.16-0.21 um.
+9.1 / 13.7), rot_u 8.3 / 11.4 / 16.1, rot_v 27 / 27 / 30, du 0.24-0.36 um, dv 0.16-0.21 um. The
+solve's own errors (RMS over each layer's chips) are rot_w 3.0 / 4.3 / 6.9, rot_u 5.5 / 7.8 /
+12.7, rot_v 12 / 16 / 26 urad, du 0.05-0.08 um: rot_w is at that limit (pulls 1.1 / 1.0 / 0.8),
+rot_u and rot_v 1.1-2.8 times above it and the translations 6-7 times (the held outer chips'
+errors, which the covariance, conditional on them, does not count); with the outer barrel set to
+the truth (a diagnostic) the same solve gives pulls 0.8-1.4 for the rotations.
 
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
