@@ -680,6 +680,34 @@ def test_cli_refine_with_a_prior_records_it(tmp_path, capsys, geom, run_dir):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_refine_direct_with_rigid_staves(tmp_path, capsys, geom, run_dir):
+    """``--layers 1 2 --rigid-layers 3 --solver direct``: :func:`refine` with the chips of layers
+    1-2 single and the staves of layer 3 as rigid bodies; the two chips of a stave move alike;
+    a layer both single and rigid is refused with the reason."""
+    rd, cfg, hits = run_dir
+    out = tmp_path / "staves"
+    rc = main(["its", "refine", "--run", str(rd), "--out", str(out), "--events", "250", "--gn-iterations", "1",
+               "--layers", "1", "2", "--rigid-layers", "3", "--solver", "direct", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "(24 rigid bodies)" in capsys.readouterr().err
+    summary = json.loads((out / REFINE_JSON).read_text())
+    assert summary["options"]["rigid_layers"] == [3] and summary["options"]["layers"] == [1, 2]
+    ev = hits.column("event").to_numpy()
+    first = pack_tracks(hits.take(pa.array(np.nonzero(ev < 250)[0])), geom)[0]
+    staves = [np.flatnonzero((geom.layer == 3) & (geom.stave == s)) for s in np.unique(geom.stave[geom.layer == 3])]
+    want = refine(_model(geom, np.load(rd / "theta.npy")), [first], cfg.constraints.build(geom), gn_iterations=1,
+                  solver="direct", sensors=np.flatnonzero(np.isin(geom.layer, [1, 2])), bodies=staves,
+                  progress=False)
+    run = load_run(out)
+    np.testing.assert_allclose(run.theta, want.theta.numpy(), rtol=0, atol=1e-9 * np.abs(run.theta).max())
+    start = np.load(rd / "theta.npy")
+    for b in staves:
+        np.testing.assert_allclose(run.theta[b[0]] - start[b[0]], run.theta[b[1]] - start[b[1]], rtol=1e-12)
+    assert main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "x"), "--layers", "2", "3",
+                 "--rigid-layers", "3", "--solver", "direct", "--no-progress"]) == 2
+    assert "in a body and in sensors" in capsys.readouterr().err
+
+
 def test_cli_refine_direct_for_some_layers_without_the_mode_constraints(tmp_path, capsys, geom, run_dir):
     """``--solver direct --layers ... --no-mode-constraints``: the result of :func:`refine` with the
     direct solver on those layers' sensors and the run's constraints without their modes; the
@@ -883,6 +911,49 @@ def test_the_direct_solvers_errors_match_the_spread_over_independent_samples(geo
     assert 0.95 < float(np.sqrt((p**2).mean())) < 1.05, rms
     assert np.all((rms > 0.9) & (rms < 1.1)), rms
     assert 0.87 < float((np.abs(p) < 1.645).mean()) < 0.93
+
+
+def test_the_direct_solver_with_rigid_bodies_is_the_reduced_dense_solution(geom, sample):
+    """``bodies`` (the staves of layers 3 and 4, two chips each, as rigid bodies) beside single
+    sensors (layers 1 and 2), layer 0 fixed, with the prior: one Gauss-Newton step equals the
+    dense KKT step of the reduced problem ``B^T H B d = -B^T g`` (``B`` copies a body's step to
+    each of its sensors; H and g of ``normal_equations`` plus the prior's diagonal) within 1e-8 of
+    Theta's typical size; a body's chips take the same step; the bodies' sensors have no error
+    block (NaN), the single ones have; bad bodies are refused with the reason."""
+    fixed0 = np.flatnonzero(geom.layer == 0)
+    cons = Constraints.build(geom, fixed=fixed0)
+    singles = np.flatnonzero(np.isin(geom.layer, [1, 2]))
+    staves = [np.flatnonzero((geom.layer == lay) & (geom.stave == s)) for lay in (3, 4)
+              for s in np.unique(geom.stave[geom.layer == lay])]
+    assert len(staves) == 52 and all(b.size == 2 for b in staves)
+    res = refine(_model(geom), sample, cons, sensors=singles, bodies=staves, gn_iterations=1, solver="direct",
+                 progress=False, **PRESIGMA)
+    n = geom.n_sensors
+    hits = sum(np.bincount(b.sensor[b.mask].numpy(), minlength=n) for b in sample)
+    units = [np.array([s]) for s in singles if hits[s] >= 10] + staves
+    expand = np.zeros((6 * n, 6 * len(units)))  # B
+    for u, members in enumerate(units):
+        for s in members:
+            expand[6 * s:6 * s + 6, 6 * u:6 * u + 6] = np.eye(6)
+    active = np.zeros(n, dtype=bool)
+    active[np.concatenate(units)] = True
+    w = _prior_diagonal(n, active, PRESIGMA["presigma_rot"], PRESIGMA["presigma_trans"], _degrees_of_freedom(sample))
+    ne = normal_equations(_model(geom), sample, covariance=False)
+    h = expand.T @ (ne.hessian.toarray() + np.diag(2.0 * w)) @ expand
+    d = np.linalg.solve(h, -expand.T @ ne.grad)
+    want = (expand @ d).reshape(n, 6)
+    fit = res.theta.numpy()
+    assert np.all(np.abs(fit - want).max(0) < 1e-8 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
+    for b in staves:
+        assert np.array_equal(fit[b[0]], fit[b[1]]) and np.abs(fit[b[0]]).max() > 0
+    cov = res.theta_cov.numpy()
+    assert np.isnan(cov[np.concatenate(staves)]).all() and np.isfinite(cov[units[0]]).all()
+    with pytest.raises(ValueError, match=r"bodies\[0\] holds fixed sensors"):
+        refine(_model(geom), sample, cons, bodies=[fixed0[:2]], solver="direct", progress=False)
+    with pytest.raises(ValueError, match="a sensor is in two bodies or in a body and in sensors"):
+        refine(_model(geom), sample, cons, sensors=singles, bodies=[singles[:2]], solver="direct", progress=False)
+    with pytest.raises(ValueError, match="bodies are solved by solver 'direct' only"):
+        refine(_model(geom), sample, cons, bodies=staves, progress=False)
 
 
 def test_the_direct_solver_for_some_sensors_holds_the_others(geom, sample, fixed):

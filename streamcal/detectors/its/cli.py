@@ -8,7 +8,9 @@
     streamcal its refine --run RUN_DIR --out OUT_DIR [--events N] [--gn-iterations G]
                              [--cg-iterations K] [--tol T] [--cache-mb MB] [--cache-precision P]
                              [--threads N] [--min-hits N] [--min-sensor-hits N] [--layers L ...]
-                             [--coarse C] [--presigma-rot RAD] [--presigma-trans MM] [--no-progress]
+                             [--coarse C] [--presigma-rot RAD] [--presigma-trans MM]
+                             [--solver cg|direct] [--rigid-layers L ...] [--no-mode-constraints]
+                             [--start-from RUN_DIR] [--no-progress]
 
 Writes ``OUT_DIR/summary.json`` and the PNG figures of
 :mod:`streamcal.detectors.its.evaluation` (residual misalignment per layer, DCA_xy vs pT,
@@ -153,6 +155,7 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
         summary = refine_run(args.run, args.out, events=args.events, gn_iterations=args.gn_iterations,
                              cg_iterations=args.cg_iterations, tol=args.tol, min_hits=args.min_hits,
                              min_sensor_hits=args.min_sensor_hits, layers=args.layers,
+                             rigid_layers=args.rigid_layers,
                              cache_mb=args.cache_mb, cache_precision=args.cache_precision, coarse=args.coarse,
                              presigma_rot=args.presigma_rot, presigma_trans=args.presigma_trans,
                              solver=args.solver, mode_constraints=not args.no_mode_constraints,
@@ -237,6 +240,10 @@ def _add_refine(its_sub: Any) -> None:
                         "sensors); direct: the Gauss-Newton matrix of the solved sensors formed densely in one pass "
                         "and each step solved exactly (Millepede's inversion), for up to 3,333 solved sensors, e.g. "
                         "--layers 0 1 2 (the inner barrel, 432 chips) with the others as the reference (default cg)")
+    p.add_argument("--rigid-layers", type=int, nargs="+", metavar="L", default=None,
+                   help="with --solver direct: the staves of these layers solved as rigid bodies, one 6-parameter "
+                        "step per stave from all its chips' hits, beside the single sensors of --layers (e.g. "
+                        "--layers 0 1 2 --rigid-layers 3 4 5 6: 432 chips and 144 staves)")
     p.add_argument("--no-mode-constraints", action="store_true",
                    help="drop the run's weak-mode constraints from the steps (its fixed layers stay fixed): with "
                         "--layers the held sensors define the frame, and the solved layers' collective rotation or "

@@ -89,7 +89,12 @@ have RMS 0.99. On the full ITS2 the inner barrel (432 chips, 2,592 parameters) c
 per pass than the plain system pass (2.2-2.4 against 1.7-1.9 s per 128k tracks, one thread, H
 and V) and seconds for the solve. The held sensors are the frame: with ``mode_constraints`` off
 (``refine_run``) the inner barrel's collective motion relative to the outer one is measured
-rather than held at its start. Their errors enter the solved sensors' result: on a 1M-event run,
+rather than held at its start. Rigid bodies (``bodies``, ``refine_run``'s ``rigid_layers``):
+groups of sensors that take one common step, e.g. the outer barrel's 144 staves beside the
+inner barrel's chips (576 units, 3,456 parameters); their hits enter the dense matrix through
+the group's block (:class:`_DenseBlock` maps each sensor to its unit), their gradient, prior
+curvature and constraint rows are summed over the group (Millepede's hierarchy of alignables:
+staves as well as chips). Their errors enter the solved sensors' result: on a 1M-event run,
 from the workers' Theta (outer layers' means off by up to 16 um in z and -43 urad in rot_u) the
 inner barrel ends at du 1.5-2.3 um (pulls 23-45, against 0.27-0.40 um after the global refine):
 the held sensors must come from a global solve. From the global refine of 1M events (CG, prior
@@ -436,19 +441,21 @@ DIRECT_MAX_PARAMETERS = 20_000
 
 
 class _DenseBlock:
-    """``H`` restricted to the DoFs of the sensors ``ids`` (the ``direct`` solver): a dense
-    (6n, 6n) float64 matrix accumulated chunk by chunk from the linearisation, every pair of hits
-    of a track on those sensors (``2 c_t`` times the projector's entry times the two hits'
-    derivatives). Hits on other sensors enter through the projector only (the track fit). Beside
-    it, with each track's term weighted by ``2 c_t`` once more, the covariance of the gradient
-    ``V = sum_t 4 c_t^2 A_t^T P_t A_t`` (``P W^-1 P = P``: the hit errors as the cost assumes
-    them), for the sandwich ``H^-1 V H^-1`` of the parameters' errors."""
+    """``H`` restricted to the DoFs of the solved units (the ``direct`` solver: single sensors and
+    rigid bodies, ``unit`` (N,) the unit of each sensor, -1 held; a body's sensors share one
+    Theta step, so its hits add to one block): a dense (6n, 6n) float64 matrix accumulated chunk
+    by chunk from the linearisation, every pair of hits of a track on those units (``2 c_t`` times
+    the projector's entry times the two hits' derivatives). Hits on other sensors enter through
+    the projector only (the track fit). Beside it, with each track's term weighted by ``2 c_t``
+    once more, the covariance of the gradient ``V = sum_t 4 c_t^2 A_t^T P_t A_t`` (``P W^-1 P =
+    P``: the hit errors as the cost assumes them), for the sandwich ``H^-1 V H^-1`` of the
+    parameters' errors."""
 
-    def __init__(self, n_sensors: int, ids: np.ndarray) -> None:
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.index = torch.full((n_sensors,), -1, dtype=torch.int64)
-        self.index[torch.from_numpy(self.ids)] = torch.arange(self.ids.size)
-        self.dim = 6 * int(self.ids.size)
+    def __init__(self, unit: np.ndarray) -> None:
+        self.unit = np.asarray(unit, dtype=np.int64)
+        self.n_units = int(self.unit.max(initial=-1)) + 1
+        self.index = torch.from_numpy(self.unit)
+        self.dim = 6 * self.n_units
         # H in the real part, V in the imaginary one: one scatter of both (two cost twice the time)
         self.flat = torch.zeros(self.dim * self.dim, dtype=torch.complex128)
 
@@ -457,7 +464,7 @@ class _DenseBlock:
         diag_xy = torch.diagonal(ch.pxy, dim1=1, dim2=2)
         diag_z = torch.diagonal(ch.pz, dim1=1, dim2=2)
         pos = self.index[ch.sensor]
-        keep = (pos >= 0) & ((diag_xy != 0) | (diag_z != 0))  # hits on the solved sensors (padding: zero rows)
+        keep = (pos >= 0) & ((diag_xy != 0) | (diag_z != 0))  # hits on the solved units (padding: zero rows)
         count = keep.sum(1)
         six = torch.arange(6)
         for ka in torch.unique(count).tolist():  # tracks grouped by their number of such hits: no padding
@@ -489,33 +496,42 @@ class _DenseBlock:
 
 @dataclass
 class _DirectSolution:
-    x: Tensor  # (N, 6) the step, zero off the active sensors
+    x: Tensor  # (U, 6) the step per unit, zero off the active units
     predicted: float  # g.x + x.H x / 2
     grad_norm: float  # |Z^T g|: the gradient within the constraints
     dropped: int  # directions without curvature left out (eigenvalue <= rcond times the largest)
     eig_min: float  # the smallest and largest curvature kept (of Z^T H Z)
     eig_max: float
-    cov: Tensor  # (N, 6, 6) the diagonal blocks of K V K (``_direct_step``); NaN off the active sensors and
-    # on those the dropped directions move
+    cov: Tensor  # (U, 6, 6) the diagonal blocks of K V K (``_direct_step``); NaN off the active units and on
+    # those the dropped directions move
+
+
+def _per_unit(unit: np.ndarray, n_units: int, values: np.ndarray) -> np.ndarray:
+    """``values`` (N, ...) per sensor summed over each unit's sensors (``unit`` -1: left out)."""
+    out = np.zeros((n_units,) + values.shape[1:])
+    np.add.at(out, unit[unit >= 0], values[unit >= 0])
+    return out
 
 
 def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, curvature: Tensor | None,
                  cons: Constraints, ndf: float, rcond: float = 1e-12) -> _DirectSolution:
-    """The constrained Gauss-Newton step ``argmin g^T d + d^T H d / 2`` over the active sensors'
-    DoFs with ``Q^T d = 0`` (``cons``: the constraints restricted to the active sensors), solved
-    densely in the constraints' null space ``Z``: ``d = -Z (Z^T H Z)^+ Z^T g`` (eigen-decomposition;
-    curvatures below ``rcond`` times the largest are dropped and counted). ``curvature``: the
-    prior's diagonal (N, 6), added to ``H``; as a pseudo-measurement with ``c = 1 / ndf`` it adds
-    ``2 / ndf`` times itself to ``V``. The covariance ``K V K`` with ``K = Z (Z^T H Z)^+ Z^T``."""
-    n = g.shape[0]
-    sel = np.flatnonzero(active[dense.ids])  # positions among the accumulated sensors
-    sensors = dense.ids[sel]
+    """The constrained Gauss-Newton step ``argmin g^T d + d^T H d / 2`` over the active units'
+    DoFs (``active`` (U,); a unit's step moves each of its sensors alike, so its gradient, the
+    prior's curvature and the constraints' rows are the sums over its sensors) with ``Q^T d = 0``
+    (``cons``: the constraints restricted to the active sensors), solved densely in the
+    constraints' null space ``Z``: ``d = -Z (Z^T H Z)^+ Z^T g`` (eigen-decomposition; curvatures
+    below ``rcond`` times the largest are dropped and counted). ``curvature``: the prior's
+    diagonal (N, 6), added to ``H``; as a pseudo-measurement with ``c = 1 / ndf`` it adds ``2 /
+    ndf`` times itself to ``V``. The covariance ``K V K`` with ``K = Z (Z^T H Z)^+ Z^T``."""
+    n, nu = g.shape[0], dense.n_units
+    sel = np.flatnonzero(active)  # the active units
     idx6 = (6 * sel[:, None] + np.arange(6)).reshape(-1)
     h = dense.matrix(0)[np.ix_(idx6, idx6)]
-    if curvature is not None:
-        h = h + np.diag(curvature.numpy()[sensors].reshape(-1))
-    gv = g.numpy()[sensors].reshape(-1)
-    q = cons.q.numpy().reshape(n, 6, -1)[sensors].reshape(idx6.size, -1)
+    curv = None if curvature is None else _per_unit(dense.unit, nu, curvature.numpy())[sel].reshape(-1)
+    if curv is not None:
+        h = h + np.diag(curv)
+    gv = _per_unit(dense.unit, nu, g.numpy())[sel].reshape(-1)
+    q = _per_unit(dense.unit, nu, cons.q.numpy().reshape(n, 6, -1))[sel].reshape(idx6.size, -1)
     if q.shape[1]:
         u, s, _ = np.linalg.svd(q, full_matrices=True)
         rank = int((s > 1e-10 * max(float(s.max()), 1e-300)).sum())
@@ -529,23 +545,23 @@ def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, curvature: T
     keep = w > rcond * top
     zv = z @ v[:, keep]  # the kept curvature directions in parameter space
     d = -(zv @ ((zv.T @ gv) / w[keep]))
-    x = torch.zeros(n, 6, dtype=torch.float64)
-    x[torch.from_numpy(sensors)] = torch.from_numpy(d.reshape(-1, 6))
+    x = torch.zeros(nu, 6, dtype=torch.float64)
+    x[torch.from_numpy(sel)] = torch.from_numpy(d.reshape(-1, 6))
     predicted = float(gv @ d + 0.5 * d @ (h @ d))
-    # the covariance's diagonal blocks: K V K = Y (zv^T V zv) Y^T with Y = zv / w per sensor
+    # the covariance's diagonal blocks: K V K = Y (zv^T V zv) Y^T with Y = zv / w per unit
     vm = dense.matrix(1)[np.ix_(idx6, idx6)]
-    if curvature is not None:
-        vm = vm + np.diag(2.0 / ndf * curvature.numpy()[sensors].reshape(-1))
+    if curv is not None:
+        vm = vm + np.diag(2.0 / ndf * curv)
     y = zv / w[keep]  # (6n, k)
     e = y @ (zv.T @ vm @ zv)
     k = y.shape[1]
     blocks = np.einsum("sik,sjk->sij", e.reshape(-1, 6, k), y.reshape(-1, 6, k))
     blocks = 0.5 * (blocks + blocks.transpose(0, 2, 1))
-    if not keep.all():  # a sensor a dropped direction moves has no finite error
+    if not keep.all():  # a unit a dropped direction moves has no finite error
         moved = np.abs(z @ v[:, ~keep]).reshape(-1, 6 * int((~keep).sum())).max(1) > 1e-8
         blocks[moved] = np.nan
-    cov = torch.full((n, 6, 6), math.nan, dtype=torch.float64)
-    cov[torch.from_numpy(sensors)] = torch.from_numpy(blocks)
+    cov = torch.full((nu, 6, 6), math.nan, dtype=torch.float64)
+    cov[torch.from_numpy(sel)] = torch.from_numpy(blocks)
     return _DirectSolution(x, predicted, float(np.linalg.norm(gz)), int((~keep).sum()),
                            float(w[keep].min()) if keep.any() else math.nan, top, cov)
 
@@ -1029,6 +1045,7 @@ def refine(
     damping: float = 1e-6,
     min_sensor_hits: int = 10,
     sensors: Sequence[int] | np.ndarray | None = None,
+    bodies: Sequence[Sequence[int] | np.ndarray] = (),
     max_halvings: int = 3,
     coarse: np.ndarray | None = None,
     presigma_rot: float | None = None,
@@ -1065,6 +1082,13 @@ def refine(
             set by rounding and the non-linearity).
         sensors: ids of the sensors to solve for (default: all); the others keep their value
             (their tracks still enter; the constraints then act on the solved sensors' steps).
+        bodies: solver ``"direct"`` only: groups of sensor ids each solved as one rigid body
+            beside ``sensors`` (e.g. the staves of the outer layers: ``refine_run``'s
+            ``rigid_layers``). Theta's translations are those of the global origin, so a rigid
+            motion of a group is, to first order, the same Theta step for each of its sensors:
+            one step of 6 parameters per body, fitted to all its sensors' hits. A body is
+            solved when none of its sensors is fixed and its sensors have ``min_sensor_hits``
+            hits together; no sensor may be in two bodies or in a body and ``sensors``.
         max_halvings: the step is halved while the cost rises, at most this often (then it is
             not taken).
         coarse: (6N, m) coarse space of a two-level preconditioner (:func:`coarse_basis`, e.g.
@@ -1119,11 +1143,31 @@ def refine(
         solve[:] = False
         solve[ids] = True
     free = constraints.free[:, 0].numpy() > 0
+    groups = [np.asarray(b) for b in bodies]
+    if groups and solver != "direct":
+        raise ValueError(f"{where}: bodies are solved by solver 'direct' only, got solver {solver!r}")
+    in_body = np.zeros(n, dtype=np.int64)
+    for i, b in enumerate(groups):
+        if b.ndim != 1 or not b.size or not np.issubdtype(b.dtype, np.integer) or b.min() < 0 or b.max() >= n:
+            raise ValueError(f"{where}: bodies[{i}] must be a non-empty 1-d array of sensor ids in 0..{n - 1}")
+        if not free[b].all():
+            raise ValueError(f"{where}: bodies[{i}] holds fixed sensors ({np.flatnonzero(~free[b]).size} of {b.size})")
+        np.add.at(in_body, b, 1)
+    if (in_body > 1).any() or (in_body > 0)[solve & (sensors is not None)].any():
+        raise ValueError(f"{where}: a sensor is in two bodies or in a body and in sensors (sensor "
+                         f"{int(np.flatnonzero((in_body > 1) | ((in_body > 0) & solve & (sensors is not None)))[0])})")
+    solve &= in_body == 0
     candidates = np.flatnonzero(free & solve)
-    if solver == "direct" and 6 * candidates.size > DIRECT_MAX_PARAMETERS:
+    unit = np.full(n, -1, dtype=np.int64)  # the direct solver's unknowns: single sensors, then the bodies
+    unit[candidates] = np.arange(candidates.size)
+    for i, b in enumerate(groups):
+        unit[b] = candidates.size + i
+    n_units = candidates.size + len(groups)
+    if solver == "direct" and 6 * n_units > DIRECT_MAX_PARAMETERS:
         raise ValueError(f"{where}: solver 'direct' forms the dense Gauss-Newton matrix of the solved sensors: "
-                         f"{candidates.size} sensors are {6 * candidates.size} parameters "
-                         f"({(6 * candidates.size) ** 2 * 8 / 2**30:.1f} GB), more than {DIRECT_MAX_PARAMETERS}; "
+                         f"{candidates.size} sensors{f' and {len(groups)} bodies' if groups else ''} are "
+                         f"{6 * n_units} parameters "
+                         f"({(6 * n_units) ** 2 * 8 / 2**30:.1f} GB), more than {DIRECT_MAX_PARAMETERS}; "
                          "solve for fewer sensors (sensors, --layers) or use solver 'cg'")
     # the direct solver makes one pass per linearisation: nothing to keep between passes
     src = _Source(model, data, where, chunk_tracks=chunk_tracks, cache_mb=0.0 if solver == "direct" else cache_mb,
@@ -1157,13 +1201,17 @@ def refine(
     prior_start = 0.0
     prior_now = 0.0
     for it in range(1, gn_iterations + 1):
-        dense = _DenseBlock(n, candidates) if solver == "direct" else None
+        dense = _DenseBlock(unit) if solver == "direct" else None
         with bar(f"refine GN {it}: cost, gradient, {'H' if dense is not None else 'blocks'}") as b:
             system = _system(src, b, dense)
         passes += 1
         n_batches = n_batches if n_batches is not None else (b.n if progress else None)
         cost = system.cost
         active = free & solve & (system.hits.numpy() >= min_sensor_hits)
+        unit_active = np.zeros(n_units, dtype=bool)
+        unit_active[unit[active]] = True
+        for i, b in enumerate(groups):  # a body: its hits together
+            unit_active[candidates.size + i] = active[b] = system.hits.numpy()[b].sum() >= min_sensor_hits
         prior = None if presigma is None else _PriorTerm(presigma, active, system.ndf)
         prior_now = 0.0 if prior is None else prior.value(theta)
         if it == 1:
@@ -1182,14 +1230,19 @@ def refine(
             f"{src.cached_bytes / 2**20:.0f} MB")
         if dense is not None:
             t_d = time.perf_counter()
-            ds = _direct_step(dense, active, g, None if prior is None else prior.curvature, cons, system.ndf)
+            ds = _direct_step(dense, unit_active, g, None if prior is None else prior.curvature, cons, system.ndf)
             dense = None
-            x = ds.x
-            theta_cov = ds.cov
+            x = torch.zeros(n, 6, dtype=torch.float64)  # each unit's step on its sensors
+            mapped = torch.from_numpy(unit >= 0)
+            x[mapped] = ds.x[torch.from_numpy(unit[unit >= 0])]
+            theta_cov = torch.full((n, 6, 6), math.nan, dtype=torch.float64)  # single sensors' errors
+            single = torch.from_numpy(candidates)
+            theta_cov[single] = ds.cov[torch.arange(candidates.size)]
             xhx = 2.0 * (ds.predicted - _dot(g, x))
             rec.solver, rec.direct_dropped, rec.direct_seconds = "direct", ds.dropped, time.perf_counter() - t_d
             rec.grad_norm, rec.cg_iterations, rec.converged, rec.predicted_change = ds.grad_norm, 0, True, ds.predicted
-            say(f"GN {it}: direct solve of {6 * int(active.sum())} parameters in {rec.direct_seconds:.1f} s, "
+            say(f"GN {it}: direct solve of {6 * int(unit_active.sum())} parameters "
+                f"({int(unit_active[candidates.size:].sum())} rigid bodies) in {rec.direct_seconds:.1f} s, "
                 f"curvatures {ds.eig_min:.3g} .. {ds.eig_max:.3g}, {ds.dropped} directions without curvature left out")
         else:  # block Jacobi on the diagonal blocks (the direct solver's pass does not form them)
             minv = _preconditioner(blocks, active, damping)
@@ -1434,6 +1487,7 @@ def refine_run(
     min_hits: int = 4,
     min_sensor_hits: int = 10,
     layers: Sequence[int] | None = None,
+    rigid_layers: Sequence[int] | None = None,
     cache_mb: float = 0.0,
     cache_precision: str = "float64",
     chunk_tracks: int = 4096,
@@ -1450,7 +1504,9 @@ def refine_run(
     ``coarse``: the two-level preconditioner's coarse space, one of :data:`COARSE_SPACES`;
     ``presigma_rot`` (rad), ``presigma_trans`` (mm): the prior towards the nominal geometry
     (:class:`Presigma`; None: none), recorded in ``refine.json``'s ``options`` and ``presigma``;
-    ``solver``: ``"cg"`` or ``"direct"`` (:func:`refine`); ``mode_constraints`` False: the run's
+    ``solver``: ``"cg"`` or ``"direct"`` (:func:`refine`); ``rigid_layers`` (solver ``"direct"``):
+    the staves of these layers solved as rigid bodies (:func:`refine`'s ``bodies``) beside the
+    sensors of ``layers``; ``mode_constraints`` False: the run's
     weak-mode constraints are left out of the steps (its fixed layers stay fixed), for a subset of
     ``layers`` solved against the others (``run.json`` keeps the run's constraints: the frame of
     the evaluation's reference). ``start``: another run directory of the same detector and truth
@@ -1513,11 +1569,13 @@ def refine_run(
     basis = coarse_basis(geom, COARSE_SPACES[coarse]) if COARSE_SPACES[coarse] else None
     Presigma.build(presigma_rot, presigma_trans, "refine_run")  # checked before the work
     solve = None
+    for name, val in (("layers", layers), ("rigid_layers", rigid_layers)):
+        if val is not None and (not val or any(not (isinstance(x, int) and 0 <= x < geom.n_layers) for x in val)):
+            raise ValueError(f"refine_run: {name} must be layer indices in 0..{geom.n_layers - 1}, got {list(val)}")
     if layers is not None:
-        bad = [x for x in layers if not (isinstance(x, int) and 0 <= x < geom.n_layers)]
-        if bad or not layers:
-            raise ValueError(f"refine_run: layers must be layer indices in 0..{geom.n_layers - 1}, got {list(layers)}")
         solve = np.flatnonzero(np.isin(geom.layer, np.asarray(layers, dtype=np.int64)))
+    bodies = [np.flatnonzero((geom.layer == lay) & (geom.stave == s)) for lay in (rigid_layers or ())
+              for s in np.unique(geom.stave[geom.layer == lay])]
     tracks = SpoolTracks(rd / SPOOL_DIR, geom, events=events, min_hits=min_hits,
                          with_vertex=rc.model.vertex == "given", log=log)
     out.mkdir(parents=True, exist_ok=True)
@@ -1534,7 +1592,8 @@ def refine_run(
 
         result = refine(model, tracks, constraints, gn_iterations=gn_iterations, cg_iterations=cg_iterations,
                         tol=tol, chunk_tracks=chunk_tracks, cache_mb=cache_mb, cache_precision=cache_precision,
-                        min_sensor_hits=min_sensor_hits, sensors=solve, coarse=basis, presigma_rot=presigma_rot,
+                        min_sensor_hits=min_sensor_hits, sensors=solve, bodies=bodies, coarse=basis,
+                        presigma_rot=presigma_rot,
                         presigma_trans=presigma_trans, solver=solver, progress=progress, log=log,
                         on_iteration=on_iteration)
     n_events = int(tracks.info.get("events", 0))
@@ -1549,7 +1608,8 @@ def refine_run(
                    else "Gauss-Newton, projected preconditioned conjugate gradients (matrix-free)"),
         "options": {"events": events, "gn_iterations": gn_iterations, "cg_iterations": cg_iterations, "tol": tol,
                     "min_hits": min_hits, "min_sensor_hits": min_sensor_hits,
-                    "layers": None if layers is None else list(layers), "cache_mb": cache_mb,
+                    "layers": None if layers is None else list(layers),
+                    "rigid_layers": None if rigid_layers is None else list(rigid_layers), "cache_mb": cache_mb,
                     "cache_precision": cache_precision, "coarse": coarse, "presigma_rot": presigma_rot,
                     "presigma_trans": presigma_trans, "solver": solver, "mode_constraints": mode_constraints,
                     "start": None if start is None else str(start),
