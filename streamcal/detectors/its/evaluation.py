@@ -470,13 +470,17 @@ class AlignmentRun:
         return self.config.label
 
 
-def _load_theta(path: Path, n_sensors: int) -> np.ndarray:
+def _read_npy(path: Path) -> Any:
     if not path.is_file():
         raise RunFormatError(path, "missing")
     try:
-        arr = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise RunFormatError(path, f"not a readable .npy array: {exc}") from exc
+
+
+def _load_theta(path: Path, n_sensors: int) -> np.ndarray:
+    arr = _read_npy(path)
     if not isinstance(arr, np.ndarray) or arr.shape != (n_sensors, 6):
         shape = getattr(arr, "shape", None)
         raise RunFormatError(path, f"must have shape ({n_sensors}, 6) for the run's geometry, got {shape}")
@@ -508,10 +512,7 @@ def load_run(run_dir: str | os.PathLike[str], *, arrays: bool = True) -> Alignme
 
 def _load_covariance(path: Path, n_sensors: int) -> np.ndarray:
     """``theta_cov.npy``: (N, 6, 6) symmetric blocks, finite or all NaN per sensor (not solved)."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise RunFormatError(path, f"not a readable .npy array: {exc}") from exc
+    arr = _read_npy(path)
     if not isinstance(arr, np.ndarray) or arr.shape != (n_sensors, 6, 6) or not np.issubdtype(arr.dtype, np.floating):
         raise RunFormatError(path, f"must be a floating-point array of shape ({n_sensors}, 6, 6) for the run's "
                                    f"geometry, got {getattr(arr, 'dtype', None)} {getattr(arr, 'shape', None)}")
@@ -954,26 +955,21 @@ def solve_errors(geom: ITSGeometry, model_config: ITSAlignmentConfig, cov: np.nd
     cov_loc = np.full_like(cov, np.nan)
     cov_loc[ok] = linv[ok] @ cov[ok] @ linv[ok].transpose(0, 2, 1)
     sig = np.sqrt(np.clip(np.diagonal(cov_loc, axis1=1, axis2=2), 0.0, None)) * _DOF_SCALE
+    keys = ("sigma_rms", "residual_rms", "pull_rms")
+
+    def rms(m: np.ndarray, jd: int) -> tuple[float | None, ...]:
+        m = m & (sig[:, jd] > 0)
+        if not m.any():
+            return (None,) * 3
+        s, r = sig[m, jd], residual[m, jd]
+        return tuple(float(np.sqrt(np.mean(v**2))) for v in (s, r, r / s))
+
     out: dict[str, Any] = {"sensors_per_layer": [int((ok & (geom.layer == li)).sum()) for li in range(geom.n_layers)]}
-    pooled: dict[str, dict[str, float | None]] = {"sigma_rms": {}, "residual_rms": {}, "pull_rms": {}}
+    pooled = [rms(ok, jd) for jd in range(len(DOFS))]
+    out["all_layers"] = {k: {dof: pooled[jd][i] for jd, dof in enumerate(DOFS)} for i, k in enumerate(keys)}
     for jd, dof in enumerate(DOFS):
-        m = ok & (sig[:, jd] > 0)
-        pooled["sigma_rms"][dof] = float(np.sqrt(np.mean(sig[m, jd] ** 2))) if m.any() else None
-        pooled["residual_rms"][dof] = float(np.sqrt(np.mean(residual[m, jd] ** 2))) if m.any() else None
-        pooled["pull_rms"][dof] = float(np.sqrt(np.mean((residual[m, jd] / sig[m, jd]) ** 2))) if m.any() else None
-    out["all_layers"] = pooled
-    for jd, dof in enumerate(DOFS):
-        rows: dict[str, list[float | None]] = {"sigma_rms": [], "residual_rms": [], "pull_rms": []}
-        for li in range(geom.n_layers):
-            m = ok & (geom.layer == li) & (sig[:, jd] > 0)
-            if not m.any():
-                for v in rows.values():
-                    v.append(None)
-                continue
-            rows["sigma_rms"].append(float(np.sqrt(np.mean(sig[m, jd] ** 2))))
-            rows["residual_rms"].append(float(np.sqrt(np.mean(residual[m, jd] ** 2))))
-            rows["pull_rms"].append(float(np.sqrt(np.mean((residual[m, jd] / sig[m, jd]) ** 2))))
-        out[dof] = rows
+        per_layer = [rms(ok & (geom.layer == li), jd) for li in range(geom.n_layers)]
+        out[dof] = {k: [row[i] for row in per_layer] for i, k in enumerate(keys)}
     return out
 
 
@@ -1113,13 +1109,13 @@ def evaluate_run(
                                inner_hit=cfg.inner_hit)
     say(f"test samples: {ideal.batch.n_tracks} ideal and {mis.batch.n_tracks} misaligned tracks "
         f"({cfg.events} events each, seed {seed})")
+    d_after = (global_to_local(geom, run.theta) - global_to_local(geom, reference)) * _DOF_SCALE  # urad, um
     # what the training data can tell about each sensor: expected hits and conditional errors
     train_events = _training_events(Path(run_dir))
     if train_events:
         sel_sample = simulate_eval_sample(geom, sim, cfg.events, theta=None, min_hits=cfg.min_hits, inner_hit=False)
         prec = sensor_precision(geom, sel_sample.batch, rc.model, train_events / cfg.events)
         reached = free & (prec.hits >= cfg.min_sensor_hits)
-        d_after = (global_to_local(geom, run.theta) - global_to_local(geom, reference)) * _DOF_SCALE
         residuals["training_events"] = train_events
         residuals["min_sensor_hits"] = cfg.min_sensor_hits
         residuals["reached_sensors"] = int(reached.sum())
@@ -1131,7 +1127,6 @@ def evaluate_run(
         say(f"sensor precision: {int(reached.sum())} of {int(free.sum())} free sensors reached "
             f"(>= {cfg.min_sensor_hits} expected hits in {train_events} training events)")
     if run.theta_cov is not None:
-        d_after = (global_to_local(geom, run.theta) - global_to_local(geom, reference)) * _DOF_SCALE
         errs = solve_errors(geom, rc.model, run.theta_cov, d_after, free)
         residuals["solve_errors"] = errs
         say(f"the solve's errors ({THETA_COV_NPY}): {sum(errs['sensors_per_layer'])} sensors; expected RMS "

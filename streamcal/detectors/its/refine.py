@@ -1156,9 +1156,10 @@ def refine(
         if not free[b].all():
             raise ValueError(f"{where}: bodies[{i}] holds fixed sensors ({np.flatnonzero(~free[b]).size} of {b.size})")
         np.add.at(in_body, b, 1)
-    if (in_body > 1).any() or (in_body > 0)[solve & (sensors is not None)].any():
+    overlap = (in_body > 1) | ((in_body > 0) & solve) if sensors is not None else in_body > 1
+    if overlap.any():
         raise ValueError(f"{where}: a sensor is in two bodies or in a body and in sensors (sensor "
-                         f"{int(np.flatnonzero((in_body > 1) | ((in_body > 0) & solve & (sensors is not None)))[0])})")
+                         f"{int(np.flatnonzero(overlap)[0])})")
     solve &= in_body == 0
     candidates = np.flatnonzero(free & solve)
     unit = np.full(n, -1, dtype=np.int64)  # the direct solver's unknowns: single sensors, then the bodies
@@ -1239,8 +1240,7 @@ def refine(
             mapped = torch.from_numpy(unit >= 0)
             x[mapped] = ds.x[torch.from_numpy(unit[unit >= 0])]
             theta_cov = torch.full((n, 6, 6), math.nan, dtype=torch.float64)  # single sensors' errors
-            single = torch.from_numpy(candidates)
-            theta_cov[single] = ds.cov[torch.arange(candidates.size)]
+            theta_cov[torch.from_numpy(candidates)] = ds.cov[: candidates.size]
             xhx = 2.0 * (ds.predicted - _dot(g, x))
             rec.solver, rec.direct_dropped, rec.direct_seconds = "direct", ds.dropped, time.perf_counter() - t_d
             rec.grad_norm, rec.cg_iterations, rec.converged, rec.predicted_change = ds.grad_norm, 0, True, ds.predicted
