@@ -9,7 +9,8 @@
                              [--cg-iterations K] [--tol T] [--cache-mb MB] [--cache-precision P]
                              [--threads N] [--min-hits N] [--min-sensor-hits N] [--layers L ...]
                              [--coarse C] [--presigma-rot RAD] [--presigma-trans MM]
-                             [--solver cg|direct] [--rigid-layers L ...] [--no-mode-constraints]
+                             [--solver cg|direct|sparse] [--error-samples K] [--error-seed S]
+                             [--rigid-layers L ...] [--no-mode-constraints]
                              [--start-from RUN_DIR] [--no-progress]
 
 Writes ``OUT_DIR/summary.json`` and the PNG figures of
@@ -27,8 +28,9 @@ never calls ``sys.exit``.
 tracks), ``OUT_DIR/steer.txt`` (the ``pede`` steering file: fixed layers, constrained modes),
 ``OUT_DIR/theta0.npy`` and ``OUT_DIR/summary.json`` (:mod:`streamcal.detectors.its.mille_export`).
 
-``its refine`` continues a run with global Gauss-Newton steps solved by matrix-free projected
-preconditioned conjugate gradients (:mod:`streamcal.detectors.its.refine`): from the run's
+``its refine`` continues a run with global Gauss-Newton steps solved by projected preconditioned
+conjugate gradients, matrix-free or on the sparse matrix assembled in one pass, or directly for
+some layers (:mod:`streamcal.detectors.its.refine`): from the run's
 ``theta.npy``, with its constraints and cost, on its spooled tracks, and writes ``OUT_DIR`` as a
 run directory for ``evaluate align`` plus ``OUT_DIR/refine.json``. ``--presigma-rot`` and
 ``--presigma-trans`` add Millepede's presigma, a Gaussian prior towards the nominal geometry on
@@ -43,7 +45,7 @@ import argparse
 import sys
 from typing import Any
 
-from streamcal.argtypes import non_negative_float, positive_float, positive_int
+from streamcal.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 __all__ = ["add_subparser", "cmd_evaluate_align", "cmd_its_export_mille", "cmd_its_refine"]
 
@@ -158,7 +160,8 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
                              rigid_layers=args.rigid_layers,
                              cache_mb=args.cache_mb, cache_precision=args.cache_precision, coarse=args.coarse,
                              presigma_rot=args.presigma_rot, presigma_trans=args.presigma_trans,
-                             solver=args.solver, mode_constraints=not args.no_mode_constraints,
+                             solver=args.solver, error_samples=args.error_samples, error_seed=args.error_seed,
+                             mode_constraints=not args.no_mode_constraints,
                              start=args.start_from,
                              progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
     except StreamcalError:
@@ -182,7 +185,7 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
               f"max |dTheta| {g['max_step']:.3g}")
     sp = summary["seconds_per_pass"]
     cg = "n/a" if sp["cg_median"] is None else f"{sp['cg_median']:.2f}"
-    what = "cost/gradient/H" if summary["options"]["solver"] == "direct" else "cost/gradient/blocks"
+    what = "cost/gradient/blocks" if summary["options"]["solver"] == "cg" else "cost/gradient/H"
     print(f"seconds per pass: {what} {', '.join(f'{s:.1f}' for s in sp['system'])}; CG median {cg}; "
           f"total {summary['seconds']:.0f} s, {summary['passes']} passes")
     print(f"run directory: {args.out} (streamcal evaluate align --run {args.out} --report REPORT_DIR); "
@@ -192,15 +195,16 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
 
 def _add_refine(its_sub: Any) -> None:
     p = its_sub.add_parser(
-        "refine", help="continue a run with global Gauss-Newton steps (matrix-free preconditioned CG, or a dense "
-                       "direct solve for some layers)",
+        "refine", help="continue a run with global Gauss-Newton steps (preconditioned CG, matrix-free or on the "
+                       "sparse assembled matrix, or a dense direct solve for some layers)",
         description="Continue an alignment run with global Gauss-Newton iterations on its cost, each solving the "
                     "projected normal equations (track parameters profiled out) within the run's constraints: by "
                     "preconditioned conjugate gradients, matrix-free, one pass over the spooled tracks "
-                    "(RUN_DIR/spool/*.arrows) per CG iteration, or (--solver direct, for up to 3,333 solved sensors) "
-                    "exactly from the dense matrix formed in one pass. Starts from RUN_DIR/theta.npy (or "
-                    "--start-from's) and writes OUT_DIR as "
-                    "a run directory for `streamcal evaluate align` (run.json, theta.npy, theta_true.npy, "
+                    "(RUN_DIR/spool/*.arrows) per CG iteration; or by the same CG on the sparse matrix assembled "
+                    "in one pass (--solver sparse, any number of sensors and events); or (--solver direct, for up "
+                    "to 3,333 solved sensors) exactly from the dense matrix formed in one pass. Starts from "
+                    "RUN_DIR/theta.npy (or --start-from's) and writes OUT_DIR as a run directory for `streamcal "
+                    "evaluate align` (run.json, theta.npy, theta_true.npy, "
                     "metrics.jsonl) and OUT_DIR/refine.json (per-iteration record).")
     p.add_argument("--run", required=True, metavar="RUN_DIR",
                    help="run directory of the alignment workers (run.json, theta.npy, theta_true.npy, spool/*.arrows)")
@@ -235,11 +239,21 @@ def _add_refine(its_sub: Any) -> None:
     p.add_argument("--presigma-trans", type=positive_float, default=None, metavar="MM",
                    help="Millepede's presigma for the translations: a Gaussian prior 0 +- MM (millimetres) on each of "
                         "the three translations of every solved sensor (default: no prior)")
-    p.add_argument("--solver", choices=("cg", "direct"), default="cg",
+    p.add_argument("--solver", choices=("cg", "direct", "sparse"), default="cg",
                    help="cg: matrix-free preconditioned conjugate gradients, one pass per iteration (any number of "
-                        "sensors); direct: the Gauss-Newton matrix of the solved sensors formed densely in one pass "
-                        "and each step solved exactly (Millepede's inversion), for up to 3,333 solved sensors, e.g. "
+                        "sensors); sparse: the Gauss-Newton matrix of the solved sensors assembled block-sparse in "
+                        "one pass (the 6 x 6 blocks of the sensor pairs tracks connect: the full ITS2 in about "
+                        "0.7 GB, Millepede's sparse mode), then the same CG in memory, as many iterations as "
+                        "--cg-iterations and --tol ask, without passes over the data; direct: the Gauss-Newton "
+                        "matrix of the solved sensors formed densely in one pass and each step solved exactly "
+                        "(Millepede's inversion), for up to 3,333 solved sensors, e.g. "
                         "--layers 0 1 2 (the inner barrel, 432 chips) with the others as the reference (default cg)")
+    p.add_argument("--error-samples", type=non_negative_int, default=0, metavar="K",
+                   help="with --solver sparse: every solved chip's 6 x 6 errors (theta_cov.npy, for evaluate align) "
+                        "from K noise replicas of the data at the last linearisation, each solved through the same "
+                        "matrix: each variance to sqrt(2/K) relative, a layer's RMS far better (default 0: none)")
+    p.add_argument("--error-seed", type=non_negative_int, default=0, metavar="S",
+                   help="seed of the noise replicas (default 0)")
     p.add_argument("--rigid-layers", type=int, nargs="+", metavar="L", default=None,
                    help="with --solver direct: the staves of these layers solved as rigid bodies, one 6-parameter "
                         "step per stave from all its chips' hits, beside the single sensors of --layers (e.g. "
