@@ -140,8 +140,10 @@ exceeds the errors that the cost's model of the hits gives: inner pulls rot_u 1.
 (the inner barrel turned by about -7.6 urad about the beam axis against the truth: du means
 -0.18 / -0.23 / -0.28 um, rot_v means -7.3 / -8.1 / -6.3 urad), and the outer chips' tilts end at
 108-112 urad RMS from the truth, no nearer than the nominal geometry (100), for sampled errors of
-44-61 urad (rot_u): with multiple scattering as an uncorrelated per-hit error (the seed's cost)
-the outer tilts are not determined as the sandwich says.
+44-61 urad (rot_u). The errors carry the noise of the cost's own hit model (multiple scattering as
+an uncorrelated per-hit error, the seed's); a likely source of the rest is the scattering's
+correlation along the track across the outer layers (1 % X0 each, long lever arms), not verified
+here (on the compact test barrel with scattering the same errors were conservative).
 
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
