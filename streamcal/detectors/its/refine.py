@@ -140,10 +140,15 @@ exceeds the errors that the cost's model of the hits gives: inner pulls rot_u 1.
 (the inner barrel turned by about -7.6 urad about the beam axis against the truth: du means
 -0.18 / -0.23 / -0.28 um, rot_v means -7.3 / -8.1 / -6.3 urad), and the outer chips' tilts end at
 108-112 urad RMS from the truth, no nearer than the nominal geometry (100), for sampled errors of
-44-61 urad (rot_u). The errors carry the noise of the cost's own hit model (multiple scattering as
-an uncorrelated per-hit error, the seed's); a likely source of the rest is the scattering's
-correlation along the track across the outer layers (1 % X0 each, long lever arms), not verified
-here (on the compact test barrel with scattering the same errors were conservative).
+44-61 urad (rot_u). A source of the rest is the prior: Theta's translations are the global
+origin's, so a chip's rotation of 100 urad about its centre 200-400 mm out adds 20-40 um to them,
+and ``presigma_trans`` 0.02 mm is narrower than that: on an ITS2-like test barrel (the seven
+radii, 384 chips, 40k events, direct solve) the outer layers' pulls are 1.1-2.5 with or without
+multiple scattering and 0.6-1.4 with 0.05 mm. Widening it is no cure: on the 5M events 0.05 mm
+lets the outer dv and dw wander (layers 5-6 dw 44 and 53 um) and the inner rot_u ends at 8.3 /
+13.9 / 20.3 urad. The prior belongs in each chip's local frame (its centre's shift and its
+rotation about it, a 6 x 6 block on Theta). The inner barrel's common rotation is the same in
+every run (a frame offset, not a fit's).
 
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
