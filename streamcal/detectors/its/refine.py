@@ -640,10 +640,6 @@ class _SparseBlocks:
         self.keys, self.data = uniq, data
         self._pending, self._pending_n = [], 0
 
-    @property
-    def blocks(self) -> int:
-        return int(self.keys.numel())
-
     def finish(self, events: float) -> None:
         """Divide by the pass's events and form ``H = U + U^T`` as a block-sparse matrix."""
         import scipy.sparse as sp
