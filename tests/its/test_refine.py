@@ -102,6 +102,18 @@ def _diag_blocks(hessian, n: int) -> np.ndarray:
     return hessian.toarray().reshape(n, 6, n, 6)[np.arange(n), :, np.arange(n), :]
 
 
+def _with_a_second_hit(b: TrackBatch) -> tuple[TrackBatch, int]:
+    """``b`` with a second hit of its first track with a free slot on that track's first sensor,
+    0.3 / -0.5 mm away (``pack_tracks`` would reject it; the algebra holds), and that track."""
+    nh = b.mask.sum(1)
+    t = int(torch.nonzero(nh < b.mask.shape[1])[0, 0])
+    k = int(nh[t])
+    sensor, local, mask = b.sensor.clone(), b.local.clone(), b.mask.clone()
+    sensor[t, k], mask[t, k] = sensor[t, 0], True
+    local[t, k] = local[t, 0] + torch.tensor([0.3, -0.5], dtype=local.dtype)
+    return TrackBatch(sensor, local, mask, b.event, b.n_events, b.vertex), t
+
+
 # ------------------------------------------------------------------------------------------------
 # H p, gradient, diagonal blocks
 
@@ -154,13 +166,8 @@ def test_system_matches_normal_equations(geom, truth, sample):
     assert sysm.events == sum(b.n_events for b in sample) and sysm.tracks == sum(b.n_tracks for b in sample)
     # a second hit of a track on its first sensor (pack_tracks would reject it; the algebra holds)
     b = sample[0]
-    nh = b.mask.sum(1)
-    t = int(torch.nonzero(nh < b.mask.shape[1])[0, 0])
-    k = int(nh[t])
-    sensor, local, mask = b.sensor.clone(), b.local.clone(), b.mask.clone()
-    sensor[t, k], mask[t, k] = sensor[t, 0], True
-    local[t, k] = local[t, 0] + torch.tensor([0.3, -0.5], dtype=local.dtype)
-    dup = TrackBatch(sensor, local, mask, b.event, b.n_events, b.vertex)
+    dup, t = _with_a_second_hit(b)
+    sensor = dup.sensor
     ne_dup = normal_equations(model, [dup], covariance=False)
     ref_dup = _diag_blocks(ne_dup.hessian, n)
     got = gn_system(model, [dup]).blocks.numpy()
@@ -1059,13 +1066,7 @@ def test_the_sparse_matrix_is_the_normal_matrix(geom, truth, sample, merge_at):
         p = np.random.default_rng(5).standard_normal((n, 6)) * THETA_SCALE
         np.testing.assert_allclose(acc.matvec(torch.from_numpy(p)).numpy().reshape(-1), want @ p.reshape(-1),
                                    rtol=0, atol=1e-10 * np.abs(want @ p.reshape(-1)).max())
-    b = sample[0]  # a second hit of a track on its first sensor
-    t = int(torch.nonzero(b.mask.sum(1) < b.mask.shape[1])[0, 0])
-    k = int(b.mask[t].sum())
-    sensor, local, mask = b.sensor.clone(), b.local.clone(), b.mask.clone()
-    sensor[t, k], mask[t, k] = sensor[t, 0], True
-    local[t, k] = local[t, 0] + torch.tensor([0.3, -0.5], dtype=local.dtype)
-    dup = TrackBatch(sensor, local, mask, b.event, b.n_events, b.vertex)
+    dup = _with_a_second_hit(sample[0])[0]  # a second hit of a track on its first sensor
     acc = _SparseBlocks(np.ones(n, dtype=bool))
     _system(_Source(model, [dup], "test", chunk_tracks=4096, cache_mb=0), None, acc)
     want = normal_equations(model, [dup], covariance=False).hessian.toarray()

@@ -435,10 +435,19 @@ class _Source:
         return tally.cost_sum / tally.events, tally
 
 
+def _projectors(res: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The track fit's projectors of the evaluation ``res`` (``align._projector_blocks``: (T, K+1,
+    K+1), vertex last), computed once and kept in ``res`` for the linearisation and the errors'
+    noise replicas."""
+    if "projector_xy" not in res:
+        res["projector_xy"], res["projector_z"] = _projector_blocks(res)
+    return res["projector_xy"], res["projector_z"]
+
+
 def _linearise(model: ITSAlignmentModel, sub: TrackBatch, res: dict[str, Tensor], scale_ev: Tensor) -> _Chunk:
     """The :class:`_Chunk` of the tracks ``sub`` evaluated as ``res``."""
     ve, vz = _hit_theta_derivatives(model, sub, res)  # (T, K, 6)
-    pxy, pz = _projector_blocks(res)  # (T, K+1, K+1), vertex last: no Theta derivative
+    pxy, pz = _projectors(res)  # (T, K+1, K+1), vertex last: no Theta derivative
     k = sub.sensor.shape[1]
     m = sub.mask.to(ve.dtype)
     mm = m[:, :, None] * m[:, None, :] * (2.0 * scale_ev[sub.event]).to(ve.dtype)[:, None, None]
@@ -575,7 +584,7 @@ class _NoiseGradients:
         """Add the chunk's noise gradients; ``c2`` (T,): the tracks' ``2 c_t`` (times ``N``)."""
         t, kk = ch.sensor.shape
         u = []
-        for proj, w, wv in zip(_projector_blocks(res), (res["w_xy"], res["w_z"]), (res["wv_xy"], res["wv_z"])):
+        for proj, w, wv in zip(_projectors(res), (res["w_xy"], res["w_z"]), (res["wv_xy"], res["wv_z"])):
             w = torch.cat([w, wv[:, None]], 1).to(torch.float64)  # (T, K+1): hits, then the vertex
             sd = torch.where(w > 0, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
             # float32 draws (half the time of float64; a noise sample needs no more), scaled in float64
