@@ -11,10 +11,12 @@ normal equations and the sparse reference solution of ``align``.
   and sensors without hits keep their value.
 * The prior (``presigma_rot``, ``presigma_trans``): :func:`refine` reaches the direct solution of
   the cost plus the prior's chi2 over ``sum_i nu_i`` (``normal_equations``' H and g with the
-  prior's diagonal, KKT with the constraints, solved densely here); a chip's translations measured
+  chi2 of each chip's local deltas, ``misalignment.global_to_local`` linearised, KKT with the
+  constraints, solved densely here), equal to that chi2 of the fitted Theta; a chip's translations measured
   with Fisher errors ``s_i`` end at the precision-weighted mean ``theta_hat sigma^2 / (sigma^2 +
   s_i^2)`` per eigen-direction; a direction the tracks do not measure at all (the detector's
-  rotation about the beam axis, tracks from a vertex on it) ends at 0.
+  rotation about the beam axis, tracks from a vertex on it) ends where the prior's gradient
+  along it vanishes.
 * ``streamcal its refine`` on a run directory written here: the output is a run directory that
   ``evaluation.load_run`` reads, with the refined Theta, the cost history and ``refine.json``.
 
@@ -41,7 +43,7 @@ from streamcal.detectors.its.evaluation import (
     write_run_json,
 )
 from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
-from streamcal.detectors.its.misalignment import RIGID_MODES, apply_alignment, misalign, mode_vectors
+from streamcal.detectors.its.misalignment import RIGID_MODES, apply_alignment, global_to_local, misalign, mode_vectors
 from streamcal.detectors.its.refine import (
     REFINE_JSON,
     SpoolTracks,
@@ -393,23 +395,40 @@ def _degrees_of_freedom(batches: list[TrackBatch]) -> float:
     return total
 
 
-def _prior_diagonal(n: int, active: np.ndarray, rot: float | None, trans: float | None, ndf: float) -> np.ndarray:
-    """(6N,) the prior's chi2 weights ``1 / sigma^2`` in units of C (over ``sum_i nu_i``) on the
-    active sensors' DoFs."""
+def _prior_matrix(geom, active: np.ndarray, rot: float | None, trans: float | None, ndf: float) -> np.ndarray:
+    """(6N, 6N) the prior's chi2 in units of C (over ``sum_i nu_i``) as a quadratic form in Theta:
+    ``|omega|^2 / rot^2 + |s|^2 / trans^2`` of each active chip's local deltas (rotation about
+    its centre, the centre's shift: ``misalignment.global_to_local``), linearised at Theta = 0 by
+    central differences."""
+    n, eps = geom.n_sensors, 1e-5
+    jac = np.zeros((n, 6, 6))
+    for j in range(6):
+        d = np.zeros((n, 6))
+        d[:, j] = eps
+        jac[:, :, j] = (global_to_local(geom, d) - global_to_local(geom, -d)) / (2 * eps)
     w = np.array([0.0 if rot is None else rot**-2] * 3 + [0.0 if trans is None else trans**-2] * 3)
-    return (np.outer(active, w) / ndf).reshape(-1)
+    blocks = np.einsum("nki,k,nkj->nij", jac, w, jac) * active[:, None, None] / ndf
+    out = np.zeros((n, 6, n, 6))
+    out[np.arange(n), :, np.arange(n), :] = blocks
+    return out.reshape(6 * n, 6 * n)
+
+
+def _local_prior(geom, theta: np.ndarray, rot: float, trans: float, ndf: float) -> float:
+    """The prior's term of ``theta`` from its exact local deltas (every chip)."""
+    loc = global_to_local(geom, theta)
+    return float(((loc[:, :3] / rot) ** 2).sum() + ((loc[:, 3:] / trans) ** 2).sum()) / ndf
 
 
 def _solve_with_prior(geom, batches, cons: Constraints, theta0: np.ndarray | None, n_iter: int, rot: float | None,
                       trans: float | None, min_sensor_hits: int = 10) -> tuple[np.ndarray, float, float]:
-    """Gauss-Newton on ``C + sum_j w_j theta_j^2`` solved directly each iteration: the sparse
-    ``H`` and ``g`` of ``normal_equations`` plus the prior's ``2 w`` and ``2 w theta``, the KKT
+    """Gauss-Newton on ``C + theta^T P theta`` solved directly each iteration: the sparse ``H``
+    and ``g`` of ``normal_equations`` plus the prior's ``2 P`` and ``2 P theta``, the KKT
     system ``[[H_ff, Q_f], [Q_f^T, 0]]`` on the free DoFs of the sensors with enough hits (dense).
     Returns Theta, C there and the prior's term."""
     n = geom.n_sensors
     hits = sum(np.bincount(b.sensor[b.mask].numpy(), minlength=n) for b in batches)
     active = (cons.free[:, 0].numpy() > 0) & (hits >= min_sensor_hits)
-    w = _prior_diagonal(n, active, rot, trans, _degrees_of_freedom(batches))
+    pm = _prior_matrix(geom, active, rot, trans, _degrees_of_freedom(batches))
     free = np.repeat(active, 6)
     q = cons.with_free(active).q.numpy()
     model = _model(geom, theta0)
@@ -420,8 +439,8 @@ def _solve_with_prior(geom, batches, cons: Constraints, theta0: np.ndarray | Non
         model.set_theta(torch.from_numpy(th.reshape(n, 6)))
         th = model.theta().reshape(-1).numpy().copy()
         ne = normal_equations(model, batches, covariance=False)
-        h = ne.hessian.toarray()[np.ix_(free, free)] + np.diag(2.0 * w[free])
-        g = ne.grad[free] + 2.0 * w[free] * th[free]
+        h = ne.hessian.toarray()[np.ix_(free, free)] + 2.0 * pm[np.ix_(free, free)]
+        g = ne.grad[free] + 2.0 * (pm @ th)[free]
         qf = q[free]
         m = qf.shape[1]
         kkt = np.block([[h, qf], [qf.T, np.zeros((m, m))]])
@@ -429,7 +448,7 @@ def _solve_with_prior(geom, batches, cons: Constraints, theta0: np.ndarray | Non
         th[free] += d
     model.set_theta(torch.from_numpy(th.reshape(n, 6)))
     th = model.theta().reshape(-1).numpy()
-    return th.reshape(n, 6), total_cost(model, batches), float((w * th * th).sum())
+    return th.reshape(n, 6), total_cost(model, batches), float(th @ (pm @ th))
 
 
 PRIOR_CASES = dict(CONSTRAINT_CASES, prior_only=lambda geom, fixed: Constraints.build(geom))
@@ -459,6 +478,9 @@ def test_refine_with_a_prior_reaches_the_direct_solution(geom, sample, fixed, re
     assert abs(res.cost - want_cost) < 1e-8 * want_cost  # each first order (measured 1e-9, 7e-8)
     assert abs(res.prior - want_prior) < 1e-6 * want_prior
     assert res.ndf == _degrees_of_freedom(sample)
+    # the chi2 of the chips' exact local deltas (sensors off the solve stay at 0): the same to
+    # the second order the linearisation drops (|omega|^2 |c| against |s|)
+    assert abs(_local_prior(geom, fit, rot, trans, res.ndf) - res.prior) < 1e-4 * res.prior
     assert res.prior_start == 0.0 and res.gn[0].prior_before == 0.0 and res.gn[-1].prior_after == res.prior
     assert res.cost + res.prior < res.cost_start + res.prior_start
     assert res.presigma is not None and (res.presigma.rot, res.presigma.trans) == (rot, trans)
@@ -524,12 +546,14 @@ def test_a_prior_gives_the_precision_weighted_mean(geom, sample):
 
 def test_a_direction_the_tracks_do_not_measure_ends_at_zero(geom, truth):
     """Tracks from vertices on the beam axis do not see the whole detector turning about it (Theta's
-    gamma of every chip by the same angle): C is flat along that direction. Without constraints
-    and with the prior, one Gauss-Newton step from Theta = 0 puts its amplitude, the mean gamma of
-    the chips, at 0 (the prior's gradient along it, ``2 w sum gamma``, must vanish where the data's
-    does) although the truth's mean gamma is not 0 and the per-chip gamma are not small. Flat to
-    the linearisation's relative stiffness 3e-10 (the arc-length coupling of the rz residuals that
-    it drops), so 0 to 1e-3 of the truth's value."""
+    gamma of every chip by the same angle): C is flat along that direction ``z``. Without
+    constraints and with the prior, one Gauss-Newton step from Theta = 0 puts its amplitude in the
+    prior's metric at 0: the prior's gradient along it, ``z^T P theta``, must vanish where the
+    data's does. Per chip that is its angle plus its centre's shift about the axis, ``sum_s gamma_s
+    / rot^2 + (c_s x s_s)_z / trans^2`` (the prior on the local deltas: :func:`_prior_matrix`),
+    not 0 for the truth; the chips' terms are not small, they cancel. Flat to the linearisation's relative
+    stiffness 3e-10 (the arc-length coupling of the rz residuals that it drops), so 0 to 1e-3 of
+    the truth's value."""
     sim = dict(SIM, beam_spot_sigma=(0.0, 0.0, 10.0))
     hits = simulate_batch(geom, SimulationConfig(seed=17, **sim), 300, placement=apply_alignment(geom, truth))
     batch = pack_tracks(hits, geom)[0]
@@ -540,9 +564,16 @@ def test_a_direction_the_tracks_do_not_measure_ends_at_zero(geom, truth):
     res = refine(_model(geom), [batch], Constraints.build(geom), gn_iterations=1, cg_iterations=3000, tol=1e-12,
                  progress=False, **PRESIGMA)
     assert res.gn[0].converged and res.gn[0].active_sensors == geom.n_sensors
-    gamma = res.theta.numpy()[:, 2]
-    assert abs(gamma.mean()) < 1e-3 * abs(truth[:, 2].mean())  # measured 1.1e-4
-    assert abs(gamma.mean()) < 1e-5 * np.abs(gamma).max() and np.abs(gamma).max() > 0.5 * THETA_SCALE[2]
+    pz = z @ _prior_matrix(geom, np.ones(geom.n_sensors, dtype=bool), PRESIGMA["presigma_rot"],
+                           PRESIGMA["presigma_trans"], 1.0)
+    fit = res.theta.numpy()
+    loc = global_to_local(geom, fit)  # the same amplitude from the chips' local deltas
+    shift = np.einsum("nij,nj->ni", geom.rot, loc[:, 3:])  # the centre's shift in global axes
+    by_chip = fit[:, 2] / PRESIGMA["presigma_rot"] ** 2 + np.cross(geom.trans, shift)[:, 2] / PRESIGMA["presigma_trans"] ** 2
+    assert abs(by_chip.sum() - pz @ fit.reshape(-1)) < 1e-3 * np.abs(by_chip).sum()
+    assert abs(pz @ fit.reshape(-1)) < 1e-3 * abs(pz @ truth.reshape(-1)), (pz @ fit.reshape(-1), pz @ truth.reshape(-1))
+    assert abs(pz @ fit.reshape(-1)) < 1e-4 * np.abs(by_chip).sum(), (pz @ fit.reshape(-1), np.abs(by_chip).sum())
+    assert np.abs(fit[:, 2]).max() > 0.2 * THETA_SCALE[2]
 
 
 def test_bad_priors_name_the_argument(geom, sample, fixed):
@@ -618,6 +649,12 @@ def test_cli_refine_writes_a_run_directory(tmp_path, capsys, geom, run_dir):
                     progress=False)
     np.testing.assert_allclose(run.theta, direct.theta.numpy(), rtol=0, atol=1e-9 * np.abs(run.theta).max())
     assert abs(summary["cost"] - direct.cost) < 1e-9 * direct.cost
+    # the solved sensors (free, >= 10 hits; the rest held at the start) for the evaluation's reference
+    hits_per = np.bincount(first.sensor[first.mask].numpy(), minlength=geom.n_sensors)
+    want_solved = (hits_per >= 10) & (geom.layer != 0)  # layer 0 fixed by the run's constraints
+    np.testing.assert_array_equal(run.solved, want_solved)
+    np.testing.assert_array_equal(direct.solved.numpy(), want_solved)
+    assert summary["solved_sensors"] == want_solved.sum()
     # metrics: an end-of-epoch record per Gauss-Newton iteration and the start, a sync record per CG iteration
     m = run.metrics
     assert m.epoch.tolist() == [0, 1, 2] and m.epoch_cost[0] == summary["cost_start"]
@@ -639,6 +676,7 @@ def test_cli_refine_writes_a_run_directory(tmp_path, capsys, geom, run_dir):
     part = np.load(tmp_path / "layers" / "theta.npy")
     np.testing.assert_allclose(part[held], start[held], rtol=0, atol=1e-15)
     assert np.abs(part[~held] - start[~held]).max() > 0
+    assert not load_run(tmp_path / "layers").solved[held].any()
     assert json.loads((tmp_path / "layers" / REFINE_JSON).read_text())["options"]["layers"] == [1, 2]
     # the output is not the input
     assert main(["its", "refine", "--run", str(rd), "--out", str(rd)]) == 2
@@ -788,6 +826,7 @@ def test_cli_refine_direct_for_some_layers_without_the_mode_constraints(tmp_path
     np.testing.assert_array_equal(run.theta[held], np.load(rd / "theta.npy")[held])
     assert not np.array_equal(run.theta[layers], np.load(rd / "theta.npy")[layers])
     assert tuple(json.loads((out / "run.json").read_text())["constraints"]["modes"]) == cfg.constraints.modes
+    assert run.solved is None  # the fit did not meet the run's mode constraints: no held-sensor frame
     # the solved sensors' covariance blocks, read with the run (the held ones NaN)
     np.testing.assert_allclose(run.theta_cov, want.theta_cov.numpy(), rtol=1e-6, atol=0)  # summation order
     solved = np.isfinite(run.theta_cov[:, 0, 0])
@@ -889,18 +928,18 @@ def test_the_direct_solver_reaches_the_reference_solution(geom, sample, referenc
 def _dense_covariance(geom, batches, cons: Constraints, rot: float | None, trans: float | None,
                       min_sensor_hits: int = 10) -> np.ndarray:
     """The sandwich ``K V K`` at Theta = 0, densely: ``K`` the upper-left block of the inverse KKT
-    matrix of ``normal_equations``' H plus the prior's ``2 w`` on the active sensors' DoFs, ``V``
+    matrix of ``normal_equations``' H plus the prior's ``2 P`` on the active sensors' DoFs, ``V``
     its gradient covariance (hit and vertex errors as the cost assumes them) plus the prior's
-    pseudo-measurements ``(2 / ndf) 2 w``. (6N, 6N), zero off the active DoFs."""
+    pseudo-measurements ``(2 / ndf) 2 P``. (6N, 6N), zero off the active DoFs."""
     n = geom.n_sensors
     hits = sum(np.bincount(b.sensor[b.mask].numpy(), minlength=n) for b in batches)
     active = (cons.free[:, 0].numpy() > 0) & (hits >= min_sensor_hits)
     ndf = _degrees_of_freedom(batches)
-    w = _prior_diagonal(n, active, rot, trans, ndf)
+    pm = _prior_matrix(geom, active, rot, trans, ndf)[np.ix_(np.repeat(active, 6), np.repeat(active, 6))]
     free = np.repeat(active, 6)
     ne = normal_equations(_model(geom), batches, vertex_noise=True)
-    h = ne.hessian.toarray()[np.ix_(free, free)] + np.diag(2.0 * w[free])
-    v = ne.grad_cov.toarray()[np.ix_(free, free)] + np.diag(2.0 / ndf * 2.0 * w[free])
+    h = ne.hessian.toarray()[np.ix_(free, free)] + 2.0 * pm
+    v = ne.grad_cov.toarray()[np.ix_(free, free)] + 2.0 / ndf * 2.0 * pm
     qf = cons.with_free(active).q.numpy()[free]
     m = qf.shape[1]
     k = np.linalg.inv(np.block([[h, qf], [qf.T, np.zeros((m, m))]]))[: free.sum(), : free.sum()]
@@ -987,9 +1026,9 @@ def test_the_direct_solver_with_rigid_bodies_is_the_reduced_dense_solution(geom,
             expand[6 * s:6 * s + 6, 6 * u:6 * u + 6] = np.eye(6)
     active = np.zeros(n, dtype=bool)
     active[np.concatenate(units)] = True
-    w = _prior_diagonal(n, active, PRESIGMA["presigma_rot"], PRESIGMA["presigma_trans"], _degrees_of_freedom(sample))
+    pm = _prior_matrix(geom, active, PRESIGMA["presigma_rot"], PRESIGMA["presigma_trans"], _degrees_of_freedom(sample))
     ne = normal_equations(_model(geom), sample, covariance=False)
-    h = expand.T @ (ne.hessian.toarray() + np.diag(2.0 * w)) @ expand
+    h = expand.T @ (ne.hessian.toarray() + 2.0 * pm) @ expand
     d = np.linalg.solve(h, -expand.T @ ne.grad)
     want = (expand @ d).reshape(n, 6)
     fit = res.theta.numpy()

@@ -34,7 +34,7 @@ some layers (:mod:`streamcal.detectors.its.refine`): from the run's
 ``theta.npy``, with its constraints and cost, on its spooled tracks, and writes ``OUT_DIR`` as a
 run directory for ``evaluate align`` plus ``OUT_DIR/refine.json``. ``--presigma-rot`` and
 ``--presigma-trans`` add Millepede's presigma, a Gaussian prior towards the nominal geometry on
-each rotation angle (rad) and each translation (mm) of the solved sensors
+each solved sensor's rotation about its centre (rad) and its centre's shift (mm)
 (:class:`~streamcal.detectors.its.refine.Presigma`).
 Importing this module does not import torch.
 """
@@ -234,11 +234,12 @@ def _add_refine(its_sub: Any) -> None:
                         "iteration, fewer CG iterations for the collective motions of whole layers (default none)")
     p.add_argument("--presigma-rot", type=positive_float, default=None, metavar="RAD",
                    help="Millepede's presigma for the rotations: a Gaussian prior 0 +- RAD (radians) on each of the "
-                        "three rotation angles of every solved sensor, pulling towards the nominal geometry; its "
-                        "chi2 is divided by the data's degrees of freedom, as the cost's (default: no prior)")
+                        "three angles of every solved sensor's rotation about its own centre, pulling towards the "
+                        "nominal geometry; its chi2 is divided by the data's degrees of freedom, as the cost's "
+                        "(default: no prior)")
     p.add_argument("--presigma-trans", type=positive_float, default=None, metavar="MM",
-                   help="Millepede's presigma for the translations: a Gaussian prior 0 +- MM (millimetres) on each of "
-                        "the three translations of every solved sensor (default: no prior)")
+                   help="Millepede's presigma for the translations: a Gaussian prior 0 +- MM (millimetres) on each "
+                        "component of every solved sensor's centre shift (default: no prior)")
     p.add_argument("--solver", choices=("cg", "direct", "sparse"), default="cg",
                    help="cg: matrix-free preconditioned conjugate gradients, one pass per iteration (any number of "
                         "sensors); sparse: the Gauss-Newton matrix of the solved sensors assembled block-sparse in "

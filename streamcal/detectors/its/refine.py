@@ -46,16 +46,20 @@ column per Gauss-Newton iteration) and combined with Jacobi in the balancing (BN
 (``_CoarseLevel``). On the small test barrel under mode constraints: 1087 instead of 1853 CG
 iterations to 1e-10 (tests/its/test_refine.py).
 
-Prior (``presigma_rot``, ``presigma_trans``). Millepede-II's presigma: a pseudo-measurement
-``theta_j = 0 +- sigma`` per parameter of every active sensor (one sigma for the three rotation
-angles, one for the three translations; :class:`Presigma`), its chi2 in C's units divided by the
-data's degrees of freedom ``sum_i nu_i``. It adds a constant diagonal to ``H`` (so to the blocks,
-the preconditioner and the coarse level), ``2 w Theta`` to the gradient, and its term to the
-objective that the step halving compares; C is reported without it (``prior`` beside it), so it
-stays comparable with runs without a prior. Directions the tracks hardly see end near the
-nominal geometry instead of wherever the noise puts them, and the problem is regular without
-constraints. Measured on the full ITS2 run above with ``coarse`` rigid and the misalignment's
-own scale (``presigma_rot`` 1e-4 rad, ``presigma_trans`` 0.02 mm; ``sum_i nu_i`` = 3.86e7):
+Prior (``presigma_rot``, ``presigma_trans``). Millepede-II's presigma on every active sensor as
+a local alignable: pseudo-measurements ``0 +- presigma_rot`` of the three angles of its rotation
+about its own centre and ``0 +- presigma_trans`` of the three components of its centre's shift
+(:class:`Presigma`: per sensor a constant 6 x 6 block on Theta), their chi2 in C's units divided
+by the data's degrees of freedom ``sum_i nu_i``. It adds those blocks to ``H`` (so to the
+blocks, the preconditioner, the coarse level and the direct solve), ``P Theta`` to the
+gradient, and its term to the objective that the step halving compares; C is reported without it
+(``prior`` beside it), so it stays comparable with runs without a prior. Directions the tracks
+hardly see end near the nominal geometry instead of wherever the noise puts them, and the
+problem is regular without constraints. Measured on the full ITS2 run above, with the prior then
+on Theta's own components (the shift of the global origin, which counts an outer chip's rotation
+about its centre as 20-40 um of translation: see the sparse solver's figures below), ``coarse``
+rigid and the misalignment's own scale (``presigma_rot`` 1e-4 rad, ``presigma_trans`` 0.02 mm;
+``sum_i nu_i`` = 3.86e7):
 55 and 41 CG iterations to 1e-4 (150 and 109 without the prior), 1642 s; the first full step
 changes the objective by -0.005594 for -0.005648 predicted and the second is taken whole (without
 the prior it was halved). C 0.58037 -> 0.57670 (without: 0.57447, below the truth's 0.57697 by
@@ -708,23 +712,31 @@ def _per_unit(unit: np.ndarray, n_units: int, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, curvature: Tensor | None,
+def _add_diagonal_blocks(mat: np.ndarray, blocks: np.ndarray) -> None:
+    """``mat`` (6n, 6n, C-contiguous) += the block-diagonal matrix of ``blocks`` (n, 6, 6), in place."""
+    n = blocks.shape[0]
+    view = mat.view()
+    view.shape = (n, 6, n, 6)  # raises rather than copy
+    view[np.arange(n), :, np.arange(n), :] += blocks
+
+
+def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, prior_blocks: Tensor | None,
                  cons: Constraints, ndf: float, rcond: float = 1e-12) -> _DirectSolution:
     """The constrained Gauss-Newton step ``argmin g^T d + d^T H d / 2`` over the active units'
     DoFs (``active`` (U,); a unit's step moves each of its sensors alike, so its gradient, the
     prior's curvature and the constraints' rows are the sums over its sensors) with ``Q^T d = 0``
     (``cons``: the constraints restricted to the active sensors), solved densely in the
     constraints' null space ``Z``: ``d = -Z (Z^T H Z)^+ Z^T g`` (eigen-decomposition; curvatures
-    below ``rcond`` times the largest are dropped and counted). ``curvature``: the prior's
-    diagonal (N, 6), added to ``H``; as a pseudo-measurement with ``c = 1 / ndf`` it adds ``2 /
-    ndf`` times itself to ``V``. The covariance ``K V K`` with ``K = Z (Z^T H Z)^+ Z^T``."""
+    below ``rcond`` times the largest are dropped and counted). ``prior_blocks``: the prior's
+    curvature (N, 6, 6), added to ``H``; as pseudo-measurements with ``c = 1 / ndf`` they add ``2 /
+    ndf`` times it to ``V``. The covariance ``K V K`` with ``K = Z (Z^T H Z)^+ Z^T``."""
     n, nu = g.shape[0], dense.n_units
     sel = np.flatnonzero(active)  # the active units
     idx6 = (6 * sel[:, None] + np.arange(6)).reshape(-1)
     h = dense.matrix(0)[np.ix_(idx6, idx6)]
-    curv = None if curvature is None else _per_unit(dense.unit, nu, curvature.numpy())[sel].reshape(-1)
+    curv = None if prior_blocks is None else _per_unit(dense.unit, nu, prior_blocks.numpy())[sel]
     if curv is not None:
-        h = h + np.diag(curv)
+        _add_diagonal_blocks(h, curv)
     gv = _per_unit(dense.unit, nu, g.numpy())[sel].reshape(-1)
     q = _per_unit(dense.unit, nu, cons.q.numpy().reshape(n, 6, -1))[sel].reshape(idx6.size, -1)
     if q.shape[1]:
@@ -746,7 +758,7 @@ def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, curvature: T
     # the covariance's diagonal blocks: K V K = Y (zv^T V zv) Y^T with Y = zv / w per unit
     vm = dense.matrix(1)[np.ix_(idx6, idx6)]
     if curv is not None:
-        vm = vm + np.diag(2.0 / ndf * curv)
+        _add_diagonal_blocks(vm, 2.0 / ndf * curv)
     y = zv / w[keep]  # (6n, k)
     e = y @ (zv.T @ vm @ zv)
     k = y.shape[1]
@@ -890,33 +902,34 @@ def _check_model(model: ITSAlignmentModel, where: str) -> None:
 
 @dataclass(frozen=True)
 class Presigma:
-    """A Gaussian prior on Theta around the nominal geometry (Theta = 0), Millepede-II's
-    ``presigma``: one pseudo-measurement ``theta_j = 0 +- sigma_j`` per parameter of every active
-    sensor, adding ``theta_j^2 / sigma_j^2`` to the chi2.
+    """A Gaussian prior towards the nominal geometry, Millepede-II's ``presigma`` on each sensor
+    as a local alignable: its rotation about its own centre ``omega`` (three angles, ``0 +- rot``)
+    and its centre's shift ``s`` (``0 +- trans`` along each axis), adding ``|omega|^2 / rot^2 +
+    |s|^2 / trans^2`` to the chi2. Isotropic, so the same in the global axes and the chip's (u,
+    v, w): the spread a local misalignment of those widths has.
 
     Attributes:
-        rot: sigma (rad) of each of the three rotation angles (alpha, beta, gamma); None: no
-            prior on them.
-        trans: sigma (mm) of each of the three translations (tau1, tau2, tau3); None: no prior
-            on them.
+        rot: sigma (rad) of each of the three rotation angles; None: no prior on them.
+        trans: sigma (mm) of each component of the centre's shift; None: no prior on it.
 
-    Isotropic: one sigma for the three components of each, so ``|omega|^2 / rot^2 + |tau|^2 /
-    trans^2`` does not depend on the orientation of the axes (global or a chip's local ones;
-    Theta's angles are small, so they are the components of a rotation vector). Theta's
-    translations are those of the global origin (``g = a_R g0 + a_T``), the parameters Millepede
-    fits in ``streamcal its export-mille``: a rotation ``omega`` of a chip about its own centre
-    ``c`` is ``tau = -omega x c`` and the prior counts both.
+    Theta's translations are those of the global origin (``g = a_R g0 + a_T``), the parameters
+    Millepede fits in ``streamcal its export-mille``: a rotation ``omega`` of a chip about its
+    centre ``c`` is ``a_T = -omega x c`` (20-40 um for 100 urad at the outer barrel's 200-400 mm),
+    so a diagonal prior on Theta would hold those chips' rotations with their translations' width
+    too. In Theta the prior is ``omega = (alpha, beta, gamma)`` (small angles: the rotation vector)
+    and ``s = a_T + omega x c`` (the linearisation of :func:`misalignment.global_to_local` at the
+    nominal geometry, exact to ``|omega|^2 |c|``, 4e-6 mm for 100 urad at 400 mm): per sensor the 6
+    x 6 block ``T^T W T``, ``T = [[1, 0], [-[c]x, 1]]``, ``W = diag(1 / rot^2, 1 / trans^2)``.
 
     Units. The cost is ``C = 1/N sum_i chi2_i / nu_i`` (events ``i`` with ``nu_i > 0``); the
-    prior's chi2 ``P = sum_j theta_j^2 / sigma_j^2`` enters it as ``P / sum_i nu_i``
-    (:meth:`term`). This is exact when every event has the same ``nu`` (then ``C = chi2 /
-    sum_i nu_i``). In general event ``i``'s chi2 enters ``C`` with the factor ``1 / (N nu_i)``;
-    the information an event gives a parameter grows with its measurements, i.e. with ``nu_i``,
-    and the factors averaged with those weights are ``sum_i nu_i / (N nu_i) / sum_i nu_i = 1 /
-    sum_i nu_i``. With it a parameter that the data measure with the Fisher error ``s`` (``s^2 =
-    2 / (h sum_i nu_i)``, ``h`` the curvature of ``C`` along it) and put at ``theta_hat`` ends at
-    the precision-weighted mean ``theta_hat sigma^2 / (sigma^2 + s^2)``, one the data do not
-    measure at 0.
+    prior's chi2 ``P`` enters it as ``P / sum_i nu_i`` (:class:`_PriorTerm`). This is exact when
+    every event has the same ``nu`` (then ``C = chi2 / sum_i nu_i``). In general event ``i``'s
+    chi2 enters ``C`` with the factor ``1 / (N nu_i)``; the information an event gives a parameter
+    grows with its measurements, i.e. with ``nu_i``, and the factors averaged with those weights
+    are ``sum_i nu_i / (N nu_i) / sum_i nu_i = 1 / sum_i nu_i``. With it a parameter that the data
+    measure with the Fisher error ``s`` (``s^2 = 2 / (h sum_i nu_i)``, ``h`` the curvature of ``C``
+    along it) and put at ``theta_hat`` ends at the precision-weighted mean ``theta_hat sigma^2 /
+    (sigma^2 + s^2)``, one the data do not measure at 0.
     """
 
     rot: float | None = None
@@ -936,25 +949,45 @@ class Presigma:
         return cls(None if rot is None else float(rot), None if trans is None else float(trans))
 
     def weights(self) -> Tensor:
-        """(6,) ``1 / sigma^2`` per Theta component (0 where there is no prior)."""
+        """(6,) ``1 / sigma^2`` of (omega, s) (0 where there is no prior)."""
         w = [0.0 if self.rot is None else self.rot**-2] * 3 + [0.0 if self.trans is None else self.trans**-2] * 3
         return torch.tensor(w, dtype=torch.float64)
+
+    def local_map(self, centres: Tensor) -> Tensor:
+        """(N, 6, 6) ``T``: Theta -> (omega, s) of chips centred at ``centres`` (N, 3) (mm)."""
+        c = centres.to(torch.float64)
+        t = torch.eye(6, dtype=torch.float64).repeat(c.shape[0], 1, 1)
+        zero = torch.zeros_like(c[:, 0])
+        cross = torch.stack([torch.stack([zero, -c[:, 2], c[:, 1]], 1),  # [c]x
+                             torch.stack([c[:, 2], zero, -c[:, 0]], 1),
+                             torch.stack([-c[:, 1], c[:, 0], zero], 1)], 1)
+        t[:, 3:, :3] = -cross
+        return t
 
 
 class _PriorTerm:
     """The prior's term of the objective on the sensors ``active`` in units of C (:class:`Presigma`):
-    ``k sum_s,j w_j theta_sj^2`` with ``k = 1 / ndf``, its gradient and its (diagonal) curvature."""
+    ``k sum_s theta_s^T T_s^T W T_s theta_s`` with ``k = 1 / ndf``, its gradient, its curvature
+    ``blocks`` (N, 6, 6; ``2 k T^T W T``, zero off ``active``) and ``noise`` (N, 6, 6) with
+    ``noise noise^T = 2 k blocks``: the gradient's covariance from its pseudo-measurements."""
 
-    def __init__(self, presigma: Presigma, active: np.ndarray, ndf: float) -> None:
+    def __init__(self, presigma: Presigma, active: np.ndarray, ndf: float, centres: Tensor) -> None:
         self.scale = 1.0 / ndf
-        self.weight = presigma.weights()[None, :] * torch.from_numpy(active)[:, None].to(torch.float64)  # (N, 6)
-        self.curvature = 2.0 * self.scale * self.weight  # (N, 6): the diagonal of its Hessian
+        on = torch.from_numpy(active).to(torch.float64)[:, None, None]
+        t = presigma.local_map(centres)
+        w = presigma.weights()
+        self.blocks = 2.0 * self.scale * on * torch.einsum("nki,k,nkj->nij", t, w, t)
+        self.noise = 2.0 * self.scale * on * t.transpose(1, 2) * w.sqrt()[None, None, :]
+
+    def apply(self, p: Tensor) -> Tensor:
+        """``blocks p`` for ``p`` (N, 6)."""
+        return torch.einsum("nij,nj->ni", self.blocks, p)
 
     def value(self, theta: Tensor) -> float:
-        return self.scale * float((self.weight * theta * theta).sum())
+        return 0.5 * float((theta * self.apply(theta)).sum())
 
     def grad(self, theta: Tensor) -> Tensor:
-        return self.curvature * theta
+        return self.apply(theta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1063,6 +1096,9 @@ class RefineResult:
             ``error_samples`` solutions ``x = K g`` of noise gradients ``g ~ N(0, V)`` for
             ``"sparse"`` (each entry to ``sqrt(2 / k)`` relative, so a layer's RMS is precise);
             NaN for the sensors not solved and those a direction without curvature moves.
+        solved: (N,) bool, the sensors a Gauss-Newton iteration solved for (free, asked for, with
+            ``min_sensor_hits``); the others kept their start (``solved.npy`` of ``refine_run``,
+            which ``evaluate align`` needs for the constrained modes' reference).
     """
 
     theta: Tensor
@@ -1080,6 +1116,7 @@ class RefineResult:
     prior: float = 0.0
     ndf: float = 0.0
     theta_cov: Tensor | None = None
+    solved: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (without the Theta arrays)."""
@@ -1090,6 +1127,7 @@ class RefineResult:
             "prior_start": self.prior_start, "prior": self.prior, "ndf": self.ndf,
             "start_correction": self.start_correction, "events": self.events, "tracks": self.tracks,
             "passes": self.passes, "seconds": self.seconds, "gn": [asdict(g) for g in self.gn],
+            "solved_sensors": None if self.solved is None else int(self.solved.sum()),
         }
 
 
@@ -1251,7 +1289,7 @@ def _sampled_errors(noise: _NoiseGradients, system: GNSystem, prior: _PriorTerm 
     g = noise.samples(float(system.events))
     if prior is not None:
         gen = torch.Generator().manual_seed(seed + 1)
-        g = g + torch.randn(g.shape, dtype=torch.float64, generator=gen) * (2.0 / system.ndf * prior.curvature).sqrt()
+        g = g + torch.einsum("nij,knj->kni", prior.noise, torch.randn(g.shape, dtype=torch.float64, generator=gen))
     acc = torch.zeros(g.shape[1], 6, 6, dtype=torch.float64)
     for j in tqdm(range(noise.k), desc="errors: noise replicas", unit="solve", disable=not progress):
         x = cons.project(_pcg(matvec, precond, g[j], cg_iterations, tol, 0, 0.0, lambda _: None).x)
@@ -1449,6 +1487,7 @@ def refine(
     theta_cov: Tensor | None = None
     prior_start = 0.0
     prior_now = 0.0
+    solved = np.zeros(n, dtype=bool)
     for it in range(1, gn_iterations + 1):
         dense: _DenseBlock | _SparseBlocks | None = None
         if solver == "direct":
@@ -1466,14 +1505,15 @@ def refine(
         unit_active[unit[active]] = True
         for i, b in enumerate(groups):  # a body: its hits together
             unit_active[candidates.size + i] = active[b] = system.hits.numpy()[b].sum() >= min_sensor_hits
-        prior = None if presigma is None else _PriorTerm(presigma, active, system.ndf)
+        solved |= active
+        prior = None if presigma is None else _PriorTerm(presigma, active, system.ndf, model.trans_geom)
         prior_now = 0.0 if prior is None else prior.value(theta)
         if it == 1:
             cost_start, prior_start = cost, prior_now
         g, blocks = system.grad, system.blocks
         if prior is not None:
             g = g + prior.grad(theta)
-            blocks = blocks + torch.diag_embed(prior.curvature)
+            blocks = blocks + prior.blocks
         cons = constraints.with_free(active)
         rec = GNRecord(it, cost, math.nan, 0.0, 0.0, 0, False, 1.0, 0.0, int(active.sum()), system.seconds,
                        time.perf_counter() - t_start, prior_before=prior_now)
@@ -1484,7 +1524,7 @@ def refine(
             f"{src.cached_bytes / 2**20:.0f} MB")
         if isinstance(dense, _DenseBlock):
             t_d = time.perf_counter()
-            ds = _direct_step(dense, unit_active, g, None if prior is None else prior.curvature, cons, system.ndf)
+            ds = _direct_step(dense, unit_active, g, None if prior is None else prior.blocks, cons, system.ndf)
             dense = None
             x = torch.zeros(n, 6, dtype=torch.float64)  # each unit's step on its sensors
             mapped = torch.from_numpy(unit >= 0)
@@ -1516,7 +1556,7 @@ def refine(
             def hessian(p: Tensor, b: Any, prior: _PriorTerm | None = prior,
                         sparse: _SparseBlocks | None = sparse) -> Tensor:
                 hp = _matvec(src, p, b)[0] if sparse is None else sparse.matvec(p)
-                return hp if prior is None else hp + prior.curvature * p
+                return hp if prior is None else hp + prior.apply(p)
 
             def matvec(p: Tensor, k: int) -> Tensor:
                 if sparse is not None:  # in memory: no pass over the data
@@ -1612,7 +1652,7 @@ def refine(
     assert first is not None
     return RefineResult(theta, theta_start, cost_start, cost, start_correction, first.events, first.tracks, passes,
                         time.perf_counter() - t_start, records, presigma=presigma, prior_start=prior_start,
-                        prior=prior_now, ndf=first.ndf, theta_cov=theta_cov)
+                        prior=prior_now, ndf=first.ndf, theta_cov=theta_cov, solved=torch.from_numpy(solved))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1792,7 +1832,8 @@ def refine_run(
     run's, one worker, ``epochs`` = Gauss-Newton iterations), ``theta.npy`` (refined),
     ``theta_true.npy`` (copied), with solver ``"direct"`` (or ``"sparse"`` with ``error_samples``)
     ``theta_cov.npy`` (the solved sensors' covariance blocks, :attr:`RefineResult.theta_cov`),
-    ``metrics.jsonl`` (:func:`_metrics_rows`, written as the CG
+    ``solved.npy`` (:attr:`RefineResult.solved`, the others held at their start; with the run's
+    mode constraints imposed, for the evaluation's reference), ``metrics.jsonl`` (:func:`_metrics_rows`, written as the CG
     iterations go) and ``refine.json`` (the per-iteration record, seconds per pass, the spool and
     the packing's rejects). Returns the content of ``refine.json``.
 
@@ -1806,6 +1847,7 @@ def refine_run(
 
     from streamcal.detectors.its.evaluation import (
         METRICS_JSONL,
+        SOLVED_NPY,
         THETA_COV_NPY,
         THETA_NPY,
         THETA_TRUE_NPY,
@@ -1876,6 +1918,9 @@ def refine_run(
     np.save(out / THETA_NPY, result.theta.numpy())
     if result.theta_cov is not None:
         np.save(out / THETA_COV_NPY, result.theta_cov.numpy())
+    if mode_constraints and spec.modes:  # the fit met the run's mode constraints with the held sensors' values
+        assert result.solved is not None
+        np.save(out / SOLVED_NPY, result.solved.numpy())
     cg_s = [c.pass_s for g in result.gn for c in g.cg]
     summary = {
         "source_run": str(rd),
