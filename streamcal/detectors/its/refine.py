@@ -76,44 +76,43 @@ looser prior (1e-3 rad, 0.2 mm; 113 and 108 CG iterations, 1333 s) lies in betwe
 2.1, 2.5 um, rot_v 94-107 urad, offset tx 1.5 um, rz -53 urad, outer dw 32-81 um. Only the
 outer chips' prior holds that direction, so the inner barrel's result depends on their sigma.
 
-Direct solver (``solver="direct"``). For a subset of sensors (``sensors``; the others held, as
-the reference) the Gauss-Newton matrix restricted to their parameters is formed densely in the
-system pass (:class:`_DenseBlock`: per track, every pair ``i <= j`` of its hits on solved
-sensors, ``2 c_t P_ij v_i v_j^T``, tracks grouped by their number of such hits so that nothing is
-padded) and each step is solved exactly in the constraints' null space (``Z^T H Z`` by
-eigen-decomposition, :func:`_direct_step`): one pass per Gauss-Newton iteration instead of one
-per CG iteration, no linearisation kept, so the data can be far larger than the CG cache allows
-(Millepede-II's "inversion" method). The solve also gives each solved sensor's covariance block
+Direct solver (``solver="direct"``). For a subset of sensors (``sensors``; the others held, as the
+reference) the Gauss-Newton matrix restricted to their parameters is formed densely in the system
+pass (:class:`_DenseBlock`: per track, every pair ``i <= j`` of its hits on solved sensors, ``2 c_t
+P_ij v_i v_j^T``, tracks grouped by their number of such hits so that nothing is padded) and each
+step is solved exactly in the constraints' null space (``Z^T H Z`` by eigen-decomposition,
+:func:`_direct_step`): one pass per Gauss-Newton iteration instead of one per CG iteration, no
+linearisation kept, so the data can be far larger than the CG cache allows (Millepede-II's
+"inversion" method). The solve also gives each solved sensor's covariance block
 (:attr:`RefineResult.theta_cov`, ``theta_cov.npy`` of ``refine_run``): the sandwich ``K V K`` of
 ``align.ReferenceSolution`` with ``K = Z (Z^T H Z)^+ Z^T`` and ``V`` the gradient's covariance,
 accumulated with ``H`` in the same scatter (each track's term weighted by ``2 c_t`` once more), the
-prior's pseudo-measurements included; conditional on the held sensors. On the small test barrel
-it equals the dense KKT sandwich to rounding, and Monte Carlo pulls over 30 independent samples
-have RMS 0.99. On the full ITS2 the inner barrel (432 chips, 2,592 parameters) costs ~25 % more
-per pass than the plain system pass (2.2-2.4 against 1.7-1.9 s per 128k tracks, one thread, H
-and V) and seconds for the solve. The held sensors are the frame: with ``mode_constraints`` off
-(``refine_run``) the inner barrel's collective motion relative to the outer one is measured
-rather than held at its start. Rigid bodies (``bodies``, ``refine_run``'s ``rigid_layers``):
-groups of sensors that take one common step, e.g. the outer barrel's 144 staves beside the
-inner barrel's chips (576 units, 3,456 parameters); their hits enter the dense matrix through
-the group's block (:class:`_DenseBlock` maps each sensor to its unit), their gradient, prior
-curvature and constraint rows are summed over the group (Millepede's hierarchy of alignables:
-staves as well as chips). The held sensors' errors enter the solved sensors' result: on a
-1M-event run, from the workers' Theta (outer layers' means off by up to 16 um in z and -43 urad
-in rot_u) the inner barrel ends at du 1.5-2.3 um (pulls 23-45, against 0.27-0.40 um after the
-global refine): the held sensors must come from a global solve. From the global refine of 1M events (CG, prior
-1e-4 rad / 0.02 mm), the inner barrel solved directly on 5M events (the seed's data: 39.9M
-tracks, one Gauss-Newton iteration, its predicted change -1.626e-5 against -1.637e-5 actual;
-1224 s for the pass on a shared machine): inner layers rot_w 3.6 / 4.5 / 6.0 urad (1M: 7.0 /
-9.1 / 13.7), rot_u 8.3 / 11.4 / 16.1, rot_v 27 / 27 / 30, du 0.24-0.36 um, dv 0.16-0.21 um. The
-solve's own errors (RMS over each layer's chips) are rot_w 3.0 / 4.3 / 6.9, rot_u 5.5 / 7.8 /
-12.7, rot_v 12 / 16 / 26 urad, du 0.05-0.08 um: rot_w is at that limit (pulls 1.1 / 1.0 / 0.8),
-rot_u and rot_v 1.1-2.8 times above it and the translations 6-7 times (the held outer chips'
-errors, which the covariance, conditional on them, does not count); with the outer barrel set to
-the truth (a diagnostic) the same solve gives pulls 0.8-1.4 for the rotations. Those outer
-errors are chip by chip: on 1M events, the outer chips' Theta with their staves' mean error
-removed (to the truth; rigid staves could do no more) leaves the inner barrel's rotations as
-they were (rot_u 14.0 / 18.2 / 25.1 against 14.1 / 18.2 / 25.2 urad).
+prior's pseudo-measurements included; conditional on the held sensors. On the small test barrel it
+equals the dense KKT sandwich to rounding, and Monte Carlo pulls over 30 independent samples have
+RMS 0.99. On the full ITS2 the inner barrel (432 chips, 2,592 parameters) costs ~25 % more per pass
+than the plain system pass (2.2-2.4 against 1.7-1.9 s per 128k tracks, one thread, H and V) and
+seconds for the solve. The held sensors are the frame: with ``mode_constraints`` off
+(``refine_run``) the inner barrel's collective motion relative to the outer one is measured rather
+than held at its start. Rigid bodies (``bodies``, ``refine_run``'s ``rigid_layers``): groups of
+sensors that take one common step, e.g. the outer barrel's 144 staves beside the inner barrel's
+chips (576 units, 3,456 parameters); their hits enter the dense matrix through the group's block
+(:class:`_DenseBlock` maps each sensor to its unit), their gradient, prior curvature and constraint
+rows are summed over the group (Millepede's hierarchy of alignables: staves as well as chips). The
+held sensors' errors enter the solved sensors' result: on a 1M-event run, from the workers' Theta
+(outer layers' means off by up to 16 um in z and -43 urad in rot_u) the inner barrel ends at du
+1.5-2.3 um (pulls 23-45, against 0.27-0.40 um after the global refine): the held sensors must come
+from a global solve. From the global refine of 1M events (CG, prior 1e-4 rad / 0.02 mm on Theta's
+own components), the inner barrel solved directly on 5M events (the seed's data: 39.9M tracks, one
+Gauss-Newton iteration, its predicted change -1.626e-5 against -1.637e-5 actual; 1224 s for the pass
+on a shared machine): inner layers rot_w 3.6 / 4.5 / 6.0 urad (1M: 7.0 / 9.1 / 13.7), rot_u 8.3 /
+11.4 / 16.1, rot_v 27 / 27 / 30, du 0.24-0.36 um, dv 0.16-0.21 um. The solve's own errors (RMS over
+each layer's chips) are rot_w 3.0 / 4.3 / 6.9, rot_u 5.5 / 7.8 / 12.7, rot_v 12 / 16 / 26 urad, du
+0.05-0.08 um: rot_w is at that limit (pulls 1.1 / 1.0 / 0.8), rot_u and rot_v 1.1-2.8 times above it
+and the translations 6-7 times (the held outer chips' errors, which the covariance, conditional on
+them, does not count); with the outer barrel set to the truth (a diagnostic) the same solve gives
+pulls 0.8-1.4 for the rotations. Those outer errors are chip by chip: on 1M events, the outer chips'
+Theta with their staves' mean error removed (to the truth; rigid staves could do no more) leaves the
+inner barrel's rotations as they were (rot_u 14.0 / 18.2 / 25.1 against 14.1 / 18.2 / 25.2 urad).
 
 Sparse solver (``solver="sparse"``). The system pass assembles ``H`` of all solved sensors
 block-sparse (:class:`_SparseBlocks`): per track every pair of its hits on solved sensors adds a
@@ -131,28 +130,28 @@ sandwich: RMS deviation 0.10 for ``k`` = 200, pooled within 2.5 %).
 Measured on the full ITS2 with the seed's 5M events (39.9M tracks) from the global refine of 1M
 events (``streamcal its refine --run RUN --start-from REFINED --out OUT --solver sparse
 --gn-iterations 1 --cg-iterations 4000 --tol 1e-8 --coarse rigid --min-sensor-hits 100
---presigma-rot 1e-4 --presigma-trans 0.02 --threads 2``, 2 cores): the pass 925 s, 19,107 chips
-solved, 162 CG iterations to 1e-8 in 20 s; ``d(C + prior)`` -1.254e-4 for -1.078e-4 predicted; the
-next Gauss-Newton step predicts -4.9e-8 and raises the cost at every scale (converged). With 32
-error replicas the pass takes 1,421 s and their solves 526 s, peak RSS 3.46 GB. Inner layers
-rot_u 8.0 / 11.7 / 16.6, rot_w 3.3 / 4.1 / 5.7 urad (the direct solve of the inner barrel alone on
-the 5M events: 8.3 / 11.4 / 16.1 and 3.6 / 4.5 / 6.0); outer layers du 4.6 / 2.9 / 6.1 / 10.7 um
-(from 7.9 / 6.5 / 11.6 / 18.3). The inner chips' sampled errors (rot_u 5.5 / 8.1 / 12.9 urad, du
-0.09-0.15 um) are nearly the direct solve's, conditional on the outer barrel (5.5 / 7.8 / 12.7,
-0.05-0.08 um): the outer barrel's statistical errors hardly reach the inner one. What is left
-exceeds the errors that the cost's model of the hits gives: inner pulls rot_u 1.2-1.4, du 2.7-2.9
-(the inner barrel turned by about -7.6 urad about the beam axis against the truth: du means
--0.18 / -0.23 / -0.28 um, rot_v means -7.3 / -8.1 / -6.3 urad), and the outer chips' tilts end at
-108-112 urad RMS from the truth, no nearer than the nominal geometry (100), for sampled errors of
-44-61 urad (rot_u). A source of the rest is the prior: Theta's translations are the global
-origin's, so a chip's rotation of 100 urad about its centre 200-400 mm out adds 20-40 um to them,
-and ``presigma_trans`` 0.02 mm is narrower than that: on an ITS2-like test barrel (the seven
-radii, 384 chips, 40k events, direct solve) the outer layers' pulls are 1.1-2.5 with or without
-multiple scattering and 0.6-1.4 with 0.05 mm. Widening it is no cure: on the 5M events 0.05 mm
-lets the outer dv and dw wander (layers 5-6 dw 44 and 53 um) and the inner rot_u ends at 8.3 /
-13.9 / 20.3 urad. The prior belongs in each chip's local frame (its centre's shift and its
-rotation about it, a 6 x 6 block on Theta). The inner barrel's common rotation is the same in
-every run (a frame offset, not a fit's).
+--presigma-rot 1e-4 --presigma-trans 0.02 --threads 2``, 2 cores): the pass 1,290 s (925 s
+with the cores to itself), 19,107 chips solved, 130 CG iterations to 1e-8 in 14 s; ``d(C +
+prior)`` -2.07e-4 for -1.91e-4 predicted, peak RSS 3.3 GB; a second Gauss-Newton iteration
+(``--start-from`` its result) predicts -6.0e-8 (times events -0.3) and moves the inner chips by
+hundredths of their errors (converged). With 32 error replicas the pass takes 1,572 s and their
+solves 447 s. Inner layers (0 / 1 / 2; ``evaluate align``, the chips with >= 100 expected hits)
+rot_u 6.7 / 8.9 / 12.9, rot_w 3.3 / 4.1 / 5.5, rot_v 30 / 30 / 32 urad, du 0.26-0.38, dv
+0.20-0.29, dw 0.41-0.69 um; outer layers (3 / 4 / 5 / 6) du 4.5 / 5.0 / 7.4 / 8.9, dv 9.5 / 10.4 /
+12.6 / 12.9, dw 11 / 13 / 20 / 21 um, rotations 83-102 urad (the misalignment: 100 urad; the
+data hardly measure an outer chip's tilts, its errors are the prior's). Against the sampled
+errors the outer layers' pulls are 0.6-1.2 in every DoF, the inner rot_u and rot_w 0.8-1.2; the
+inner translations (pulls 2.9-6.0, residuals 0.2-0.7 um against errors of 0.04-0.18 um) and
+rot_v (2.8 / 2.1 / 1.4, strongly anticorrelated with du: -0.8) keep a part that the errors of
+the cost's hit model do not explain, a few tenths of a micrometre. The prior's shape matters:
+with the prior on Theta's components (``presigma_trans`` on the global origin's translations,
+which for a chip 200-400 mm out must absorb its rotation about its centre, 20-40 um) the same
+solve left the outer layers' tilts at 108-112 urad with pulls 1.2-2.6 and the inner rot_u at
+8.0 / 11.7 / 16.6 urad; widening that prior to 0.05 mm made the outer dv and dw worse (layers 5-6
+dw 44 and 53 um) and the inner rot_u 8.3 / 13.9 / 20.3. On an ITS2-like test barrel (the seven
+ITS2 radii and materials, 384 chips, 40k events, multiple scattering, a realistic pT spectrum,
+direct solve, three samples) the local prior's pulls are 0.8-1.24 in every layer and DoF, the
+prior on Theta's components gave 1.1-2.3 in the outer layers.
 
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
@@ -1828,14 +1827,14 @@ def refine_run(
 
     Reads ``run_dir/run.json`` (geometry, cost, constraints), starts from ``run_dir/theta.npy``,
     streams the spooled tracks (:class:`SpoolTracks`; the first ``events`` events) and writes
-    ``out_dir`` as a run directory that ``streamcal evaluate align`` reads: ``run.json`` (the
-    run's, one worker, ``epochs`` = Gauss-Newton iterations), ``theta.npy`` (refined),
-    ``theta_true.npy`` (copied), with solver ``"direct"`` (or ``"sparse"`` with ``error_samples``)
-    ``theta_cov.npy`` (the solved sensors' covariance blocks, :attr:`RefineResult.theta_cov`),
-    ``solved.npy`` (:attr:`RefineResult.solved`, the others held at their start; with the run's
-    mode constraints imposed, for the evaluation's reference), ``metrics.jsonl`` (:func:`_metrics_rows`, written as the CG
-    iterations go) and ``refine.json`` (the per-iteration record, seconds per pass, the spool and
-    the packing's rejects). Returns the content of ``refine.json``.
+    ``out_dir`` as a run directory that ``streamcal evaluate align`` reads: ``run.json`` (the run's,
+    one worker, ``epochs`` = Gauss-Newton iterations), ``theta.npy`` (refined), ``theta_true.npy``
+    (copied), with solver ``"direct"`` (or ``"sparse"`` with ``error_samples``) ``theta_cov.npy``
+    (the solved sensors' covariance blocks, :attr:`RefineResult.theta_cov`), ``solved.npy``
+    (:attr:`RefineResult.solved`, the others held at their start; with the run's mode constraints
+    imposed, for the evaluation's reference), ``metrics.jsonl`` (:func:`_metrics_rows`, written as
+    the CG iterations go) and ``refine.json`` (the per-iteration record, seconds per pass, the spool
+    and the packing's rejects). Returns the content of ``refine.json``.
 
     Raises:
         RunFormatError: (a ``StreamcalError``) naming the file or directory that is missing or
