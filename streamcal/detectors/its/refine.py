@@ -130,28 +130,29 @@ sandwich: RMS deviation 0.10 for ``k`` = 200, pooled within 2.5 %).
 Measured on the full ITS2 with the seed's 5M events (39.9M tracks) from the global refine of 1M
 events (``streamcal its refine --run RUN --start-from REFINED --out OUT --solver sparse
 --gn-iterations 1 --cg-iterations 4000 --tol 1e-8 --coarse rigid --min-sensor-hits 100
---presigma-rot 1e-4 --presigma-trans 0.02 --threads 2``, 2 cores): the pass 1,290 s (925 s
-with the cores to itself), 19,107 chips solved, 130 CG iterations to 1e-8 in 14 s; ``d(C +
-prior)`` -2.07e-4 for -1.91e-4 predicted, peak RSS 3.3 GB; a second Gauss-Newton iteration
-(``--start-from`` its result) predicts -6.0e-8 (times events -0.3) and moves the inner chips by
-hundredths of their errors (converged). With 32 error replicas the pass takes 1,572 s and their
-solves 447 s. Inner layers (0 / 1 / 2; ``evaluate align``, the chips with >= 100 expected hits)
-rot_u 6.7 / 8.9 / 12.9, rot_w 3.3 / 4.1 / 5.5, rot_v 30 / 30 / 32 urad, du 0.26-0.38, dv
-0.20-0.29, dw 0.41-0.69 um; outer layers (3 / 4 / 5 / 6) du 4.5 / 5.0 / 7.4 / 8.9, dv 9.5 / 10.4 /
-12.6 / 12.9, dw 11 / 13 / 20 / 21 um, rotations 83-102 urad (the misalignment: 100 urad; the
-data hardly measure an outer chip's tilts, its errors are the prior's). Against the sampled
-errors the outer layers' pulls are 0.6-1.2 in every DoF, the inner rot_u and rot_w 0.8-1.2; the
-inner translations (pulls 2.9-6.0, residuals 0.2-0.7 um against errors of 0.04-0.18 um) and
-rot_v (2.8 / 2.1 / 1.4, strongly anticorrelated with du: -0.8) keep a part that the errors of
-the cost's hit model do not explain, a few tenths of a micrometre. The prior's shape matters:
-with the prior on Theta's components (``presigma_trans`` on the global origin's translations,
-which for a chip 200-400 mm out must absorb its rotation about its centre, 20-40 um) the same
-solve left the outer layers' tilts at 108-112 urad with pulls 1.2-2.6 and the inner rot_u at
-8.0 / 11.7 / 16.6 urad; widening that prior to 0.05 mm made the outer dv and dw worse (layers 5-6
-dw 44 and 53 um) and the inner rot_u 8.3 / 13.9 / 20.3. On an ITS2-like test barrel (the seven
-ITS2 radii and materials, 384 chips, 40k events, multiple scattering, a realistic pT spectrum,
-direct solve, three samples) the local prior's pulls are 0.8-1.24 in every layer and DoF, the
-prior on Theta's components gave 1.1-2.3 in the outer layers.
+--presigma-rot 1e-4 --presigma-trans 0.02 --threads 2``, 2 cores): the pass 1,290 s (925 s with the
+cores to itself), 19,107 chips solved, 130 CG iterations to 1e-8 in 14 s; ``d(C + prior)`` -2.07e-4
+for -1.91e-4 predicted, peak RSS 3.3 GB; a second Gauss-Newton iteration (``--start-from`` its
+result) predicts -6.0e-8 (times events -0.3) and moves the inner chips by hundredths of their errors
+(converged). With 32 error replicas the pass takes 1,572 s, their solves 447 s, peak RSS 4.7 GB
+(3.5 GB in another run of the same options: the assembly's peak varies). Inner layers (0 /
+1 / 2; ``evaluate align``, the chips with >= 100 expected hits) rot_u 6.7 / 8.9 / 12.9, rot_w 3.3 /
+4.1 / 5.5, rot_v 30 / 30 / 32 urad, du 0.26-0.38, dv 0.20-0.29, dw 0.41-0.69 um; outer layers (3 / 4
+/ 5 / 6) du 5.2 / 4.0 / 6.8 / 11.0, dv 9.8 / 9.9 / 12.4 / 15.4, dw 13 / 13 / 20 / 24 um, rotations
+83-102 urad (the misalignment: 100 urad; the data hardly measure an outer chip's tilts, its errors
+are the prior's). Against the sampled errors the outer layers' pulls are 0.6-1.2 in every DoF, the
+inner rot_u and rot_w 0.8-1.2; the inner translations (pulls 2.9-6.0, residuals 0.2-0.7 um against
+errors of 0.04-0.18 um) and rot_v (2.8 / 2.1 / 1.4, strongly anticorrelated with du: -0.8) keep a
+part that the errors of the cost's hit model do not explain, a few tenths of a micrometre. The
+prior's shape matters: with the prior on Theta's components (``presigma_trans`` on the global
+origin's translations, which for a chip 200-400 mm out must absorb its rotation about its centre,
+20-40 um) the same solve left the outer layers' tilts at 108-112 urad with pulls 1.2-2.6 (du 4.6 /
+2.9 / 6.1 / 10.7, dv 10-17, dw 14-26 um) and the inner rot_u at 8.0 / 11.7 / 16.6 urad; widening
+that prior to 0.05 mm made the outer dv and dw worse (layers 5-6 dw 44 and 53 um) and the inner
+rot_u 8.3 / 13.9 / 20.3. On an ITS2-like test barrel (the seven ITS2 radii and materials, 384 chips,
+40k events, multiple scattering, a realistic pT spectrum, direct solve, three samples) the local
+prior's pulls are 0.8-1.24 in every layer and DoF, the prior on Theta's components gave 1.1-2.3 in
+the outer layers.
 
 Data. A list of :class:`TrackBatch` (held in memory; the linearisation of every chunk is kept
 for the CG iterations of a Gauss-Newton iteration unless ``cache_mb`` limits it) or a callable
