@@ -586,21 +586,18 @@ def expected_truth(geom: ITSGeometry, theta_true: np.ndarray, constraints: Const
         truth = compose(_invert(g), truth)
         truth[fixed] = 0.0
     q = constraints.build(geom).q.numpy()
-    if q.shape[1] and solved is not None:
-        mask = np.asarray(solved)
+    if q.shape[1]:  # Theta_s - Q_s (Q_s^T Q_s)^+ Q^T Theta' (every sensor solved: Theta - Q Q^T Theta)
+        mask = np.ones(geom.n_sensors, dtype=bool) if solved is None else np.asarray(solved)
         if mask.shape != (geom.n_sensors,) or mask.dtype != bool:
             raise ValueError(f"expected_truth: solved must be a bool mask of shape ({geom.n_sensors},), got "
                              f"{mask.dtype} {mask.shape}")
-        fit = check_theta(geom, theta_fit, "expected_truth", "theta_fit")
         mixed = truth.copy()
-        mixed[~mask] = fit[~mask]
+        if solved is not None:
+            fit = check_theta(geom, theta_fit, "expected_truth", "theta_fit")
+            mixed[~mask] = fit[~mask]
         qs = q * np.repeat(mask, 6)[:, None]
         lam = np.linalg.lstsq(qs.T @ qs, q.T @ mixed.reshape(-1), rcond=1e-12)[0]
         truth = truth - (qs @ lam).reshape(truth.shape)
-        truth[fixed] = 0.0
-    elif q.shape[1]:
-        flat = truth.reshape(-1)
-        truth = (flat - q @ (q.T @ flat)).reshape(truth.shape)
         truth[fixed] = 0.0
     return truth
 
