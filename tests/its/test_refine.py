@@ -43,7 +43,15 @@ from streamcal.detectors.its.evaluation import (
     write_run_json,
 )
 from streamcal.detectors.its.geometry import ITSGeometryConfig, build_geometry
-from streamcal.detectors.its.misalignment import RIGID_MODES, apply_alignment, global_to_local, misalign, mode_vectors
+from streamcal.detectors.its.misalignment import (
+    RIGID_MODES,
+    WEAK_MODES,
+    apply_alignment,
+    global_to_local,
+    misalign,
+    mode_vectors,
+    weak_mode,
+)
 from streamcal.detectors.its.refine import (
     REFINE_JSON,
     SpoolTracks,
@@ -395,11 +403,13 @@ def _degrees_of_freedom(batches: list[TrackBatch]) -> float:
     return total
 
 
-def _prior_matrix(geom, active: np.ndarray, rot: float | None, trans: float | None, ndf: float) -> np.ndarray:
+def _prior_matrix(geom, active: np.ndarray, rot: float | None, trans: float | None, ndf: float,
+                  free: np.ndarray | None = None) -> np.ndarray:
     """(6N, 6N) the prior's chi2 in units of C (over ``sum_i nu_i``) as a quadratic form in Theta:
     ``|omega|^2 / rot^2 + |s|^2 / trans^2`` of each active chip's local deltas (rotation about
     its centre, the centre's shift: ``misalignment.global_to_local``), linearised at Theta = 0 by
-    central differences."""
+    central differences. With ``free`` (6N, m): that chi2 of ``theta - M a`` minimised over the
+    amplitudes ``a`` of the directions (``M`` their active rows), i.e. ``P - P M (M^T P M)^-1 M^T P``."""
     n, eps = geom.n_sensors, 1e-5
     jac = np.zeros((n, 6, 6))
     for j in range(6):
@@ -410,7 +420,12 @@ def _prior_matrix(geom, active: np.ndarray, rot: float | None, trans: float | No
     blocks = np.einsum("nki,k,nkj->nij", jac, w, jac) * active[:, None, None] / ndf
     out = np.zeros((n, 6, n, 6))
     out[np.arange(n), :, np.arange(n), :] = blocks
-    return out.reshape(6 * n, 6 * n)
+    out = out.reshape(6 * n, 6 * n)
+    if free is not None:
+        m = free * np.repeat(active, 6)[:, None]
+        pm = out @ m
+        out = out - pm @ np.linalg.solve(m.T @ pm, pm.T)
+    return out
 
 
 def _local_prior(geom, theta: np.ndarray, rot: float, trans: float, ndf: float) -> float:
@@ -420,7 +435,8 @@ def _local_prior(geom, theta: np.ndarray, rot: float, trans: float, ndf: float) 
 
 
 def _solve_with_prior(geom, batches, cons: Constraints, theta0: np.ndarray | None, n_iter: int, rot: float | None,
-                      trans: float | None, min_sensor_hits: int = 10) -> tuple[np.ndarray, float, float]:
+                      trans: float | None, min_sensor_hits: int = 10,
+                      free_dirs: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """Gauss-Newton on ``C + theta^T P theta`` solved directly each iteration: the sparse ``H``
     and ``g`` of ``normal_equations`` plus the prior's ``2 P`` and ``2 P theta``, the KKT
     system ``[[H_ff, Q_f], [Q_f^T, 0]]`` on the free DoFs of the sensors with enough hits (dense).
@@ -428,7 +444,7 @@ def _solve_with_prior(geom, batches, cons: Constraints, theta0: np.ndarray | Non
     n = geom.n_sensors
     hits = sum(np.bincount(b.sensor[b.mask].numpy(), minlength=n) for b in batches)
     active = (cons.free[:, 0].numpy() > 0) & (hits >= min_sensor_hits)
-    pm = _prior_matrix(geom, active, rot, trans, _degrees_of_freedom(batches))
+    pm = _prior_matrix(geom, active, rot, trans, _degrees_of_freedom(batches), free_dirs)
     free = np.repeat(active, 6)
     q = cons.with_free(active).q.numpy()
     model = _model(geom, theta0)
@@ -577,6 +593,84 @@ def test_a_direction_the_tracks_do_not_measure_ends_at_zero(geom, truth):
     assert np.abs(fit[:, 2]).max() > 0.2 * THETA_SCALE[2]
 
 
+FREE_MODES = WEAK_MODES + RIGID_MODES  # every global mode of the table and the rigid-body ones
+
+
+def test_a_prior_with_free_directions_reaches_the_direct_solution(geom, sample):
+    """``presigma_free`` (the 15 global modes of ``FREE_MODES``): the prior is the chi2 of ``theta -
+    M a`` minimised over the amplitudes ``a`` (``_prior_matrix`` with ``free``, dense). One
+    Gauss-Newton iteration from Theta = 0 by two-level CG, the sparse and the direct solver
+    takes the dense KKT step of C plus that prior (Theta within 1e-8 of its typical size); the
+    prior's term is that form of the fit; the direct solver's errors are the dense sandwich with
+    it (1e-6 of the errors' product); the prior's curvature and its pseudo-measurements' noise
+    (the sparse solver's replicas) are exactly ``2 P`` and ``(2 / ndf) 2 P`` of that form. The
+    free directions change the answer."""
+    from streamcal.detectors.its.refine import Presigma, _PriorTerm
+
+    cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
+    free = mode_vectors(geom, FREE_MODES)
+    assert free.shape[1] == 15
+    rot, trans = PRESIGMA["presigma_rot"], PRESIGMA["presigma_trans"]
+    want = _solve_with_prior(geom, sample, cons, None, 1, rot, trans, free_dirs=free)[0]
+    held = _solve_with_prior(geom, sample, cons, None, 1, rot, trans)[0]
+    assert np.any(np.abs(want - held).max(0) > 0.1 * THETA_SCALE)
+    ndf = _degrees_of_freedom(sample)
+    n = geom.n_sensors
+    for kw in (dict(solver="cg", coarse=coarse_basis(geom, RIGID_MODES), cg_iterations=3000, tol=1e-12),
+               dict(solver="sparse", cg_iterations=3000, tol=1e-12), dict(solver="direct")):
+        res = refine(_model(geom), sample, cons, gn_iterations=1, presigma_free=free, progress=False, **PRESIGMA, **kw)
+        fit = res.theta.numpy()
+        assert np.all(np.abs(fit - want).max(0) < 1e-8 * THETA_SCALE), (kw["solver"], np.abs(fit - want).max(0))
+        active = res.solved.numpy()
+        pm = _prior_matrix(geom, active, rot, trans, ndf, free)
+        assert abs(res.prior - fit.reshape(-1) @ pm @ fit.reshape(-1)) < 1e-9 * res.prior
+    cov = res.theta_cov.numpy()
+    dense = _dense_covariance(geom, sample, cons, rot, trans, free_dirs=free)
+    blocks = dense.reshape(n, 6, n, 6)[np.arange(n), :, np.arange(n), :]
+    ok = np.isfinite(cov[:, 0, 0])
+    scale = np.sqrt(np.diagonal(blocks[ok], axis1=1, axis2=2))
+    assert np.abs((cov[ok] - blocks[ok]) / (scale[:, :, None] * scale[:, None, :])).max() < 1e-6
+    # the prior term itself, against the finite-difference form
+    term = _PriorTerm(Presigma(rot, trans), active, ndf, torch.from_numpy(geom.trans), free)
+    assert term.rank == 15
+    eye = torch.eye(6 * n, dtype=torch.float64).reshape(6 * n, n, 6)
+    curv = torch.stack([term.apply(e) for e in eye]).reshape(6 * n, 6 * n).numpy()
+    np.testing.assert_allclose(curv, 2.0 * pm, rtol=0, atol=1e-8 * np.abs(pm).max())
+    root = term.pseudo_noise(eye).reshape(6 * n, 6 * n).numpy().T  # column k: the noise of unit draw k
+    np.testing.assert_allclose(root @ root.T, 2.0 / ndf * 2.0 * pm, rtol=0, atol=1e-8 * 4.0 / ndf * np.abs(pm).max())
+
+
+def test_a_coherent_deformation_the_prior_leaves_free_is_recovered(geom):
+    """An elliptical barrel (``dR = c R cos 2 phi``, c = 4e-4: up to 22 um) and nothing else,
+    tracks without hit noise (the cost still weights them by 5 um): the exact minimum of C is the
+    truth, and of C plus a prior that leaves the elliptical mode free too (the truth is in the
+    free span, so its prior term is 0). A tight per-chip prior (1 um, 10 urad) on every direction
+    pulls the coherent mode towards the nominal geometry: the thousands of per-chip
+    pseudo-measurements outweigh what the tracks measure of it (its amplitude ends below half
+    the truth's; measured 2 %). Leaving it free (alone, or with every mode of ``FREE_MODES``)
+    recovers the truth to 1e-4 of Theta's typical size (two direct Gauss-Newton iterations)."""
+    truth = weak_mode(geom, "elliptical", 4e-4)
+    sim = dict(SIM, sigma_u=1e-8, sigma_v=1e-8)
+    hits = simulate_batch(geom, SimulationConfig(seed=21, **sim), 400, placement=apply_alignment(geom, truth))
+    batch = pack_tracks(hits, geom)[0]
+    cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
+    mode = mode_vectors(geom, ("elliptical",))
+    tight = dict(presigma_rot=1e-5, presigma_trans=1e-3)
+
+    def fit(**kw):
+        return refine(_model(geom), [batch], cons, gn_iterations=2, solver="direct", progress=False, **kw).theta.numpy()
+
+    def amplitude(theta):
+        return float(mode[:, 0] @ theta.reshape(-1)) / float(mode[:, 0] @ truth.reshape(-1))
+
+    held = fit(**tight)
+    assert amplitude(held) < 0.5, amplitude(held)
+    for free in (mode, mode_vectors(geom, FREE_MODES)):
+        got = fit(presigma_free=free, **tight)
+        assert np.all(np.abs(got - truth).max(0) < 1e-4 * THETA_SCALE), np.abs(got - truth).max(0) / THETA_SCALE
+        assert abs(amplitude(got) - 1.0) < 1e-4
+
+
 def test_bad_priors_name_the_argument(geom, sample, fixed):
     cons = Constraints.build(geom, fixed=fixed)
     for kw, msg in ((dict(presigma_rot=0.0), r"presigma_rot must be a finite number > 0 \(rad\) or None, got 0.0"),
@@ -584,7 +678,11 @@ def test_bad_priors_name_the_argument(geom, sample, fixed):
                     (dict(presigma_trans=float("inf")), r"presigma_trans must be a finite number > 0 \(mm\)"),
                     (dict(presigma_trans=float("nan")), "presigma_trans must be a finite number > 0"),
                     (dict(presigma_trans="0.02"), "presigma_trans must be a finite number > 0 .* got '0.02'"),
-                    (dict(presigma_rot=True), "presigma_rot must be a finite number > 0 .* got True")):
+                    (dict(presigma_rot=True), "presigma_rot must be a finite number > 0 .* got True"),
+                    (dict(presigma_free=mode_vectors(geom, ("elliptical",))), "presigma_free names directions the "
+                     "prior leaves free, but there is no prior"),
+                    (dict(presigma_free=np.zeros((6, 1)), **PRESIGMA), r"presigma_free must be a finite \(6N, m\) = "
+                     r"\(1200, m\) array, got shape \(6, 1\)")):
         with pytest.raises(ValueError, match="refine: " + msg):
             refine(_model(geom), sample, cons, progress=False, **kw)
 
@@ -723,6 +821,25 @@ def test_cli_refine_with_a_prior_records_it(tmp_path, capsys, geom, run_dir):
         with pytest.raises(SystemExit):
             main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "bad"), *bad])
         assert f"argument {bad[0]}: expected a finite number > 0" in capsys.readouterr().err
+    # --presigma-free: the modes the prior leaves to the data, recorded; refine's result with their span
+    rc = main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "free"), "--events", "250",
+               "--gn-iterations", "1", "--cg-iterations", "60", "--tol", "1e-9", "--presigma-rot", "1e-4",
+               "--presigma-trans", "0.02", "--presigma-free", "elliptical", "twist", "--no-progress"])
+    assert rc == 0 and "the prior leaves free: elliptical, twist" in capsys.readouterr().out
+    free = json.loads((tmp_path / "free" / REFINE_JSON).read_text())
+    assert free["options"]["presigma_free_modes"] == ["elliptical", "twist"]
+    direct = refine(_model(geom, np.load(rd / "theta.npy")), [first], cfg.constraints.build(geom), gn_iterations=1,
+                    cg_iterations=60, tol=1e-9, presigma_free=mode_vectors(geom, ("elliptical", "twist")),
+                    progress=False, **PRESIGMA)
+    np.testing.assert_allclose(load_run(tmp_path / "free").theta, direct.theta.numpy(), rtol=0,
+                               atol=1e-9 * np.abs(run.theta).max())
+    with pytest.raises(SystemExit):
+        main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "bad"), "--presigma-rot", "1e-4",
+              "--presigma-free", "wobble"])
+    assert "argument --presigma-free: invalid choice: 'wobble'" in capsys.readouterr().err
+    assert main(["its", "refine", "--run", str(rd), "--out", str(tmp_path / "bad"), "--presigma-free",
+                 "elliptical"]) == 2
+    assert "presigma_free_modes are modes the prior leaves free, but there is no prior" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -927,7 +1044,7 @@ def test_the_direct_solver_reaches_the_reference_solution(geom, sample, referenc
 
 
 def _dense_covariance(geom, batches, cons: Constraints, rot: float | None, trans: float | None,
-                      min_sensor_hits: int = 10) -> np.ndarray:
+                      min_sensor_hits: int = 10, free_dirs: np.ndarray | None = None) -> np.ndarray:
     """The sandwich ``K V K`` at Theta = 0, densely: ``K`` the upper-left block of the inverse KKT
     matrix of ``normal_equations``' H plus the prior's ``2 P`` on the active sensors' DoFs, ``V``
     its gradient covariance (hit and vertex errors as the cost assumes them) plus the prior's
@@ -936,7 +1053,7 @@ def _dense_covariance(geom, batches, cons: Constraints, rot: float | None, trans
     hits = sum(np.bincount(b.sensor[b.mask].numpy(), minlength=n) for b in batches)
     active = (cons.free[:, 0].numpy() > 0) & (hits >= min_sensor_hits)
     ndf = _degrees_of_freedom(batches)
-    pm = _prior_matrix(geom, active, rot, trans, ndf)[np.ix_(np.repeat(active, 6), np.repeat(active, 6))]
+    pm = _prior_matrix(geom, active, rot, trans, ndf, free_dirs)[np.ix_(np.repeat(active, 6), np.repeat(active, 6))]
     free = np.repeat(active, 6)
     ne = normal_equations(_model(geom), batches, vertex_noise=True)
     h = ne.hessian.toarray()[np.ix_(free, free)] + 2.0 * pm

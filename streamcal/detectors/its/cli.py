@@ -9,6 +9,7 @@
                              [--cg-iterations K] [--tol T] [--cache-mb MB] [--cache-precision P]
                              [--threads N] [--min-hits N] [--min-sensor-hits N] [--layers L ...]
                              [--coarse C] [--presigma-rot RAD] [--presigma-trans MM]
+                             [--presigma-free MODE ...]
                              [--solver cg|direct|sparse] [--error-samples K] [--error-seed S]
                              [--rigid-layers L ...] [--no-mode-constraints]
                              [--start-from RUN_DIR] [--no-progress]
@@ -35,7 +36,8 @@ some layers (:mod:`streamcal.detectors.its.refine`): from the run's
 run directory for ``evaluate align`` plus ``OUT_DIR/refine.json``. ``--presigma-rot`` and
 ``--presigma-trans`` add Millepede's presigma, a Gaussian prior towards the nominal geometry on
 each solved sensor's rotation about its centre (rad) and its centre's shift (mm)
-(:class:`~streamcal.detectors.its.refine.Presigma`).
+(:class:`~streamcal.detectors.its.refine.Presigma`); ``--presigma-free`` names global modes (the
+weak-mode table's, rigid-body ones) it leaves to the data.
 Importing this module does not import torch.
 """
 
@@ -160,7 +162,7 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
                              rigid_layers=args.rigid_layers,
                              cache_mb=args.cache_mb, cache_precision=args.cache_precision, coarse=args.coarse,
                              presigma_rot=args.presigma_rot, presigma_trans=args.presigma_trans,
-                             solver=args.solver, error_samples=args.error_samples, error_seed=args.error_seed,
+                             presigma_free_modes=args.presigma_free, solver=args.solver, error_samples=args.error_samples, error_seed=args.error_seed,
                              mode_constraints=not args.no_mode_constraints,
                              start=args.start_from,
                              progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -176,6 +178,9 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
         print(f"prior term {summary['prior_start']:.6g} -> {summary['prior']:.6g} (presigma rot "
               f"{summary['presigma']['rot']} rad, trans {summary['presigma']['trans']} mm; in units of C, chi2 / "
               f"{summary['ndf']:.6g} degrees of freedom)")
+        free = summary["options"]["presigma_free_modes"]
+        if free:
+            print(f"the prior leaves free: {', '.join(free)}")
     for g in summary["gn"]:
         res = g["cg"][-1]["relative_residual"] if g["cg"] else 0.0
         actual = (g["cost_after"] + g["prior_after"]) - (g["cost_before"] + g["prior_before"])
@@ -194,6 +199,8 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
 
 
 def _add_refine(its_sub: Any) -> None:
+    from streamcal.detectors.its.misalignment import RIGID_MODES, WEAK_MODES
+
     p = its_sub.add_parser(
         "refine", help="continue a run with global Gauss-Newton steps (preconditioned CG, matrix-free or on the "
                        "sparse assembled matrix, or a dense direct solve for some layers)",
@@ -240,6 +247,11 @@ def _add_refine(its_sub: Any) -> None:
     p.add_argument("--presigma-trans", type=positive_float, default=None, metavar="MM",
                    help="Millepede's presigma for the translations: a Gaussian prior 0 +- MM (millimetres) on each "
                         "component of every solved sensor's centre shift (default: no prior)")
+    p.add_argument("--presigma-free", nargs="+", choices=WEAK_MODES + RIGID_MODES, default=(), metavar="MODE",
+                   help="global modes the prior leaves to the data: it holds each sensor at the nominal geometry up "
+                        "to a combination of them, so a coherent deformation (e.g. an elliptical barrel) is not "
+                        "pulled towards zero by the per-sensor pseudo-measurements; any of "
+                        f"{', '.join(WEAK_MODES + RIGID_MODES)} (default: none)")
     p.add_argument("--solver", choices=("cg", "direct", "sparse"), default="cg",
                    help="cg: matrix-free preconditioned conjugate gradients, one pass per iteration (any number of "
                         "sensors); sparse: the Gauss-Newton matrix of the solved sensors assembled block-sparse in "

@@ -720,23 +720,36 @@ def _add_diagonal_blocks(mat: np.ndarray, blocks: np.ndarray) -> None:
     view[np.arange(n), :, np.arange(n), :] += blocks
 
 
-def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, prior_blocks: Tensor | None,
+def _add_low_rank(mat: np.ndarray, low: np.ndarray, inv: np.ndarray, factor: float, rows: int = 2048) -> None:
+    """``mat`` (n, n) += ``factor low inv low^T`` (``low`` (n, m)), in place, a block of rows at a time
+    (no second matrix of ``mat``'s size)."""
+    right = inv @ low.T
+    for i in range(0, mat.shape[0], rows):
+        mat[i:i + rows] += factor * (low[i:i + rows] @ right)
+
+
+def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, prior: _PriorTerm | None,
                  cons: Constraints, ndf: float, rcond: float = 1e-12) -> _DirectSolution:
     """The constrained Gauss-Newton step ``argmin g^T d + d^T H d / 2`` over the active units'
     DoFs (``active`` (U,); a unit's step moves each of its sensors alike, so its gradient, the
     prior's curvature and the constraints' rows are the sums over its sensors) with ``Q^T d = 0``
     (``cons``: the constraints restricted to the active sensors), solved densely in the
     constraints' null space ``Z``: ``d = -Z (Z^T H Z)^+ Z^T g`` (eigen-decomposition; curvatures
-    below ``rcond`` times the largest are dropped and counted). ``prior_blocks``: the prior's
-    curvature (N, 6, 6), added to ``H``; as pseudo-measurements with ``c = 1 / ndf`` they add ``2 /
-    ndf`` times it to ``V``. The covariance ``K V K`` with ``K = Z (Z^T H Z)^+ Z^T``."""
+    below ``rcond`` times the largest are dropped and counted). ``prior``: its curvature (the
+    blocks and the free directions' low-rank correction, :class:`_PriorTerm`) is added to ``H``;
+    as pseudo-measurements with ``c = 1 / ndf`` they add ``2 / ndf`` times it to ``V``. The
+    covariance ``K V K`` with ``K = Z (Z^T H Z)^+ Z^T``."""
     n, nu = g.shape[0], dense.n_units
     sel = np.flatnonzero(active)  # the active units
     idx6 = (6 * sel[:, None] + np.arange(6)).reshape(-1)
     h = dense.matrix(0)[np.ix_(idx6, idx6)]
-    curv = None if prior_blocks is None else _per_unit(dense.unit, nu, prior_blocks.numpy())[sel]
+    curv = None if prior is None else _per_unit(dense.unit, nu, prior.blocks.numpy())[sel]
+    low = None if prior is None or not prior.rank else \
+        _per_unit(dense.unit, nu, prior.low.numpy())[sel].reshape(idx6.size, -1)
     if curv is not None:
         _add_diagonal_blocks(h, curv)
+    if low is not None:
+        _add_low_rank(h, low, prior.inv.numpy(), -1.0)
     gv = _per_unit(dense.unit, nu, g.numpy())[sel].reshape(-1)
     q = _per_unit(dense.unit, nu, cons.q.numpy().reshape(n, 6, -1))[sel].reshape(idx6.size, -1)
     if q.shape[1]:
@@ -759,6 +772,8 @@ def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, prior_blocks
     vm = dense.matrix(1)[np.ix_(idx6, idx6)]
     if curv is not None:
         _add_diagonal_blocks(vm, 2.0 / ndf * curv)
+    if low is not None:
+        _add_low_rank(vm, low, prior.inv.numpy(), -2.0 / ndf)
     y = zv / w[keep]  # (6n, k)
     e = y @ (zv.T @ vm @ zv)
     k = y.shape[1]
@@ -969,19 +984,55 @@ class _PriorTerm:
     """The prior's term of the objective on the sensors ``active`` in units of C (:class:`Presigma`):
     ``k sum_s theta_s^T T_s^T W T_s theta_s`` with ``k = 1 / ndf``, its gradient, its curvature
     ``blocks`` (N, 6, 6; ``2 k T^T W T``, zero off ``active``) and ``noise`` (N, 6, 6) with
-    ``noise noise^T = 2 k blocks``: the gradient's covariance from its pseudo-measurements."""
+    ``noise noise^T = 2 k blocks``: the gradient's covariance from its pseudo-measurements.
 
-    def __init__(self, presigma: Presigma, active: np.ndarray, ndf: float, centres: Tensor) -> None:
+    ``free`` (6N, m): directions the prior leaves to the data (e.g. the global modes of
+    ``misalignment.weak_mode``). The per-sensor pseudo-measurements hold each chip at the nominal
+    geometry *up to* a combination of them: the curvature is ``B - B M (M^T B M)^+ M^T B`` (``B``
+    the blocks, ``M`` the directions on the active sensors), ``min_a (theta - M a)^T B (theta - M
+    a)`` as a quadratic form. The correction is of rank m (``low`` (N, 6, m) ``= B M``, ``inv``
+    ``= (M^T B M)^+``); ``blocks`` stays ``B`` (the block-Jacobi preconditioner's, which need not
+    be exact)."""
+
+    def __init__(self, presigma: Presigma, active: np.ndarray, ndf: float, centres: Tensor,
+                 free: np.ndarray | None = None) -> None:
         self.scale = 1.0 / ndf
         on = torch.from_numpy(active).to(torch.float64)[:, None, None]
         t = presigma.local_map(centres)
         w = presigma.weights()
         self.blocks = 2.0 * self.scale * on * torch.einsum("nki,k,nkj->nij", t, w, t)
         self.noise = 2.0 * self.scale * on * t.transpose(1, 2) * w.sqrt()[None, None, :]
+        n = self.blocks.shape[0]
+        self.free = torch.zeros(n, 6, 0, dtype=torch.float64)
+        self.low = self.free
+        self.inv = torch.zeros(0, 0, dtype=torch.float64)
+        if free is not None and free.shape[1]:
+            m = torch.from_numpy(np.asarray(free, dtype=np.float64)).reshape(n, 6, -1) * on
+            low = torch.einsum("nij,njm->nim", self.blocks, m)
+            s = torch.einsum("nim,nik->mk", m, low)
+            s = 0.5 * (s + s.T)
+            self.free, self.low, self.inv = m, low, torch.linalg.pinv(s, rtol=1e-10, hermitian=True)
+
+    @property
+    def rank(self) -> int:
+        """The number of directions the prior leaves free."""
+        return int(self.inv.shape[0])
 
     def apply(self, p: Tensor) -> Tensor:
-        """``blocks p`` for ``p`` (N, 6)."""
-        return torch.einsum("nij,nj->ni", self.blocks, p)
+        """The prior's curvature times ``p`` (N, 6)."""
+        out = torch.einsum("nij,nj->ni", self.blocks, p)
+        if self.rank:
+            out = out - torch.einsum("nim,m->ni", self.low, self.inv @ torch.einsum("nim,ni->m", self.low, p))
+        return out
+
+    def pseudo_noise(self, xi: Tensor) -> Tensor:
+        """The pseudo-measurements' noise in the gradient for standard normal ``xi`` (K, N, 6):
+        covariance ``2 k`` times the curvature (``noise xi`` with the free directions' part
+        removed: ``(I - B M S^+ M^T) noise xi``)."""
+        eta = torch.einsum("nij,knj->kni", self.noise, xi)
+        if self.rank:
+            eta = eta - torch.einsum("nim,km->kni", self.low, torch.einsum("nim,kni->km", self.free, eta) @ self.inv)
+        return eta
 
     def value(self, theta: Tensor) -> float:
         return 0.5 * float((theta * self.apply(theta)).sum())
@@ -1289,7 +1340,7 @@ def _sampled_errors(noise: _NoiseGradients, system: GNSystem, prior: _PriorTerm 
     g = noise.samples(float(system.events))
     if prior is not None:
         gen = torch.Generator().manual_seed(seed + 1)
-        g = g + torch.einsum("nij,knj->kni", prior.noise, torch.randn(g.shape, dtype=torch.float64, generator=gen))
+        g = g + prior.pseudo_noise(torch.randn(g.shape, dtype=torch.float64, generator=gen))
     acc = torch.zeros(g.shape[1], 6, 6, dtype=torch.float64)
     for j in tqdm(range(noise.k), desc="errors: noise replicas", unit="solve", disable=not progress):
         x = cons.project(_pcg(matvec, precond, g[j], cg_iterations, tol, 0, 0.0, lambda _: None).x)
@@ -1319,6 +1370,7 @@ def refine(
     coarse: np.ndarray | None = None,
     presigma_rot: float | None = None,
     presigma_trans: float | None = None,
+    presigma_free: np.ndarray | None = None,
     solver: str = "cg",
     error_samples: int = 0,
     error_seed: int = 0,
@@ -1373,6 +1425,11 @@ def refine(
             the steps minimise and compare (``C`` plus the prior's term), the gradient, ``H p``
             and the diagonal blocks (so the preconditioner and the coarse level); C itself is
             reported without it (``cost``, ``prior`` of the result). None (default): no prior.
+        presigma_free: (6N, m) directions in Theta (e.g. ``misalignment.mode_vectors`` of global
+            modes) the prior leaves to the data: it holds each sensor at the nominal geometry up
+            to a combination of them (:class:`_PriorTerm`), so a coherent deformation of the
+            whole detector is not pulled towards zero by thousands of per-sensor
+            pseudo-measurements. None (default): the prior acts on every direction.
         solver: ``"cg"`` (default): matrix-free projected preconditioned CG, one pass per
             iteration; ``"direct"``: the Gauss-Newton matrix of the solved sensors is accumulated
             densely in the system pass and the constrained step solved exactly (one pass per
@@ -1407,6 +1464,14 @@ def refine(
         if not (isinstance(val, (int, float)) and not isinstance(val, bool) and 0 <= val < 1):
             raise ValueError(f"{where}: {name} must be a number in [0, 1), got {val!r}")
     presigma = Presigma.build(presigma_rot, presigma_trans, where)
+    if presigma_free is not None:
+        presigma_free = np.asarray(presigma_free, dtype=np.float64)
+        if presigma_free.ndim != 2 or presigma_free.shape[0] != 6 * n or not np.isfinite(presigma_free).all():
+            raise ValueError(f"{where}: presigma_free must be a finite (6N, m) = ({6 * n}, m) array, got shape "
+                             f"{presigma_free.shape}")
+        if presigma is None:
+            raise ValueError(f"{where}: presigma_free names directions the prior leaves free, but there is no prior "
+                             "(presigma_rot and presigma_trans are None)")
     if solver not in SOLVERS:
         raise ValueError(f"{where}: solver must be one of {list(SOLVERS)}, got {solver!r}")
     if error_samples and solver != "sparse":
@@ -1506,7 +1571,8 @@ def refine(
         for i, b in enumerate(groups):  # a body: its hits together
             unit_active[candidates.size + i] = active[b] = system.hits.numpy()[b].sum() >= min_sensor_hits
         solved |= active
-        prior = None if presigma is None else _PriorTerm(presigma, active, system.ndf, model.trans_geom)
+        prior = None if presigma is None else _PriorTerm(presigma, active, system.ndf, model.trans_geom,
+                                                          presigma_free)
         prior_now = 0.0 if prior is None else prior.value(theta)
         if it == 1:
             cost_start, prior_start = cost, prior_now
@@ -1518,13 +1584,14 @@ def refine(
         rec = GNRecord(it, cost, math.nan, 0.0, 0.0, 0, False, 1.0, 0.0, int(active.sum()), system.seconds,
                        time.perf_counter() - t_start, prior_before=prior_now)
         records.append(rec)
-        with_prior = "" if prior is None else f", prior term {prior_now:.6g} (C + prior {cost + prior_now:.10g})"
+        with_prior = "" if prior is None else (f", prior term {prior_now:.6g} (C + prior {cost + prior_now:.10g}"
+                                               f"{f'; {prior.rank} directions free of it' if prior.rank else ''})")
         say(f"GN {it}: C = {cost:.10g}{with_prior} ({system.events} events, {system.tracks} tracks, "
             f"{int(active.sum())} active sensors), pass {system.seconds:.1f} s, cached "
             f"{src.cached_bytes / 2**20:.0f} MB")
         if isinstance(dense, _DenseBlock):
             t_d = time.perf_counter()
-            ds = _direct_step(dense, unit_active, g, None if prior is None else prior.blocks, cons, system.ndf)
+            ds = _direct_step(dense, unit_active, g, prior, cons, system.ndf)
             dense = None
             x = torch.zeros(n, 6, dtype=torch.float64)  # each unit's step on its sensors
             mapped = torch.from_numpy(unit >= 0)
@@ -1804,6 +1871,7 @@ def refine_run(
     coarse: str = "none",
     presigma_rot: float | None = None,
     presigma_trans: float | None = None,
+    presigma_free_modes: Sequence[str] = (),
     solver: str = "cg",
     error_samples: int = 0,
     error_seed: int = 0,
@@ -1816,6 +1884,8 @@ def refine_run(
     ``coarse``: the two-level preconditioner's coarse space, one of :data:`COARSE_SPACES`;
     ``presigma_rot`` (rad), ``presigma_trans`` (mm): the prior towards the nominal geometry
     (:class:`Presigma`; None: none), recorded in ``refine.json``'s ``options`` and ``presigma``;
+    ``presigma_free_modes``: global modes (``misalignment.WEAK_MODES`` and ``RIGID_MODES``) the prior
+    leaves to the data (:func:`refine`'s ``presigma_free``);
     ``solver``: ``"cg"``, ``"direct"`` or ``"sparse"``, ``error_samples`` and ``error_seed`` (the
     sparse solver's errors) as :func:`refine`'s; ``rigid_layers`` (solver ``"direct"``):
     the staves of these layers solved as rigid bodies (:func:`refine`'s ``bodies``) beside the
@@ -1883,7 +1953,15 @@ def refine_run(
     if coarse not in COARSE_SPACES:
         raise ValueError(f"refine_run: coarse must be one of {list(COARSE_SPACES)}, got {coarse!r}")
     basis = coarse_basis(geom, COARSE_SPACES[coarse]) if COARSE_SPACES[coarse] else None
-    Presigma.build(presigma_rot, presigma_trans, "refine_run")  # checked before the work
+    prior = Presigma.build(presigma_rot, presigma_trans, "refine_run")  # checked before the work
+    free_modes = tuple(presigma_free_modes)
+    bad = [m for m in free_modes if m not in WEAK_MODES + RIGID_MODES]
+    if bad:
+        raise ValueError(f"refine_run: presigma_free_modes must be among {list(WEAK_MODES + RIGID_MODES)}, got {bad}")
+    if free_modes and prior is None:
+        raise ValueError("refine_run: presigma_free_modes are modes the prior leaves free, but there is no prior "
+                         "(give presigma_rot and/or presigma_trans)")
+    free_dirs = mode_vectors(geom, free_modes) if free_modes else None
     solve = None
     for name, val in (("layers", layers), ("rigid_layers", rigid_layers)):
         if val is not None and (not val or any(not (isinstance(x, int) and 0 <= x < geom.n_layers) for x in val)):
@@ -1909,8 +1987,8 @@ def refine_run(
         result = refine(model, tracks, constraints, gn_iterations=gn_iterations, cg_iterations=cg_iterations,
                         tol=tol, chunk_tracks=chunk_tracks, cache_mb=cache_mb, cache_precision=cache_precision,
                         min_sensor_hits=min_sensor_hits, sensors=solve, bodies=bodies, coarse=basis,
-                        presigma_rot=presigma_rot,
-                        presigma_trans=presigma_trans, solver=solver, error_samples=error_samples,
+                        presigma_rot=presigma_rot, presigma_trans=presigma_trans,
+                        presigma_free=free_dirs, solver=solver, error_samples=error_samples,
                         error_seed=error_seed, progress=progress, log=log,
                         on_iteration=on_iteration)
     n_events = int(tracks.info.get("events", 0))
@@ -1930,7 +2008,7 @@ def refine_run(
                     "layers": None if layers is None else list(layers),
                     "rigid_layers": None if rigid_layers is None else list(rigid_layers), "cache_mb": cache_mb,
                     "cache_precision": cache_precision, "coarse": coarse, "presigma_rot": presigma_rot,
-                    "presigma_trans": presigma_trans, "solver": solver, "error_samples": error_samples,
+                    "presigma_trans": presigma_trans, "presigma_free_modes": list(free_modes), "solver": solver, "error_samples": error_samples,
                     "error_seed": error_seed, "mode_constraints": mode_constraints,
                     "start": None if start is None else str(start),
                     "chunk_tracks": chunk_tracks, "threads": torch.get_num_threads()},
