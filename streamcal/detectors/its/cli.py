@@ -182,7 +182,7 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
         if free:
             print(f"the prior leaves free: {', '.join(free)}")
     for g in summary["gn"]:
-        res = g["cg"][-1]["relative_residual"] if g["cg"] else 0.0
+        res = min(c["relative_residual"] for c in g["cg"]) if g["cg"] else 0.0  # the iterate taken
         actual = (g["cost_after"] + g["prior_after"]) - (g["cost_before"] + g["prior_before"])
         how = (f"direct solve ({g['direct_seconds']:.1f} s)" if g["solver"] == "direct" else
                f"{g['cg_iterations']} CG iterations (relative residual {res:.2e})")
@@ -251,7 +251,9 @@ def _add_refine(its_sub: Any) -> None:
                    help="global modes the prior leaves to the data: it holds each sensor at the nominal geometry up "
                         "to a combination of them, so a coherent deformation (e.g. an elliptical barrel) is not "
                         "pulled towards zero by the per-sensor pseudo-measurements; any of "
-                        f"{', '.join(WEAK_MODES + RIGID_MODES)} (default: none)")
+                        f"{', '.join(WEAK_MODES + RIGID_MODES)} (default: none). Keep the dilations (radial, "
+                        "zexpansion) held: they rescale every track's fitted momentum, from which the cost takes its "
+                        "multiple-scattering weights, and freed they ran the ITS2 outer barrel 0.1-0.25 mm inwards")
     p.add_argument("--solver", choices=("cg", "direct", "sparse"), default="cg",
                    help="cg: matrix-free preconditioned conjugate gradients, one pass per iteration (any number of "
                         "sensors); sparse: the Gauss-Newton matrix of the solved sensors assembled block-sparse in "
