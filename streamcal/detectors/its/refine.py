@@ -95,10 +95,11 @@ in every DoF (dw 12-23 um from 13-24); 284 CG iterations to the rounding floor 1
 1e-8 without free directions), peak RSS 3.6 GB with 32 replicas. The dilations are best left
 held: with radial and zexpansion free as well, the step ran the outer barrel 0.1-0.25 mm inwards
 (radial and z expansion of -4e-4 together, the inner barrel staying) and C fell four times as
-much as the linearised step predicted, far outside the sampled errors; a dilation rescales every
-track's fitted momentum, from which the cost takes its multiple-scattering weights, so C is no
-likelihood along it (the inner dv keeps a z expansion of -3e-6 that the prior holds: 0.2-0.3 um,
-pulls 2.8-3.8). In the test (tests/its/test_refine.py) a barrel deformed only elliptically, tracks
+much as the linearised step predicted, far outside the sampled errors. A dilation rescales every
+track's fitted momentum, which nothing in the cost measures but the vertex term and the
+multiple-scattering weights; the data pull along it for a reason not isolated (on 300k of the
+events C prefers the dilated geometry also with momentum-independent hit weights), so the prior
+keeps holding it (the inner dv keeps a z expansion of -3e-6: 0.2-0.3 um, pulls 2.8-3.8). In the test (tests/its/test_refine.py) a barrel deformed only elliptically, tracks
 without hit noise, a tight prior: 2 % of the mode recovered with the prior on every direction,
 the truth to 1e-4 with the mode free.
 
