@@ -162,7 +162,8 @@ def cmd_its_refine(args: argparse.Namespace) -> int:
                              rigid_layers=args.rigid_layers,
                              cache_mb=args.cache_mb, cache_precision=args.cache_precision, coarse=args.coarse,
                              presigma_rot=args.presigma_rot, presigma_trans=args.presigma_trans,
-                             presigma_free_modes=args.presigma_free, solver=args.solver, error_samples=args.error_samples, error_seed=args.error_seed,
+                             presigma_free_modes=args.presigma_free, solver=args.solver,
+                             error_samples=args.error_samples, error_seed=args.error_seed,
                              mode_constraints=not args.no_mode_constraints,
                              start=args.start_from,
                              progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -99,9 +99,10 @@ much as the linearised step predicted, far outside the sampled errors. A dilatio
 track's fitted momentum, which nothing in the cost measures but the vertex term and the
 multiple-scattering weights; the data pull along it for a reason not isolated (on 300k of the
 events C prefers the dilated geometry also with momentum-independent hit weights), so the prior
-keeps holding it (the inner dv keeps a z expansion of -3e-6: 0.2-0.3 um, pulls 2.8-3.8). In the test (tests/its/test_refine.py) a barrel deformed only elliptically, tracks
-without hit noise, a tight prior: 2 % of the mode recovered with the prior on every direction,
-the truth to 1e-4 with the mode free.
+keeps holding it (the inner dv keeps a z expansion of -3e-6: 0.2-0.3 um, pulls 2.8-3.8). In the
+test (tests/its/test_refine.py) a barrel deformed only elliptically, tracks without hit noise, a
+tight prior: 2 % of the mode recovered with the prior on every direction, the truth to 1e-4 with
+the mode free.
 
 Direct solver (``solver="direct"``). For a subset of sensors (``sensors``; the others held, as the
 reference) the Gauss-Newton matrix restricted to their parameters is formed densely in the system
@@ -749,7 +750,9 @@ def _add_diagonal_blocks(mat: np.ndarray, blocks: np.ndarray) -> None:
 
 def _add_low_rank(mat: np.ndarray, low: np.ndarray, inv: np.ndarray, factor: float, rows: int = 2048) -> None:
     """``mat`` (n, n) += ``factor low inv low^T`` (``low`` (n, m)), in place, a block of rows at a time
-    (no second matrix of ``mat``'s size)."""
+    (no second matrix of ``mat``'s size); nothing to do for m = 0."""
+    if not low.shape[1]:
+        return
     right = inv @ low.T
     for i in range(0, mat.shape[0], rows):
         mat[i:i + rows] += factor * (low[i:i + rows] @ right)
@@ -771,11 +774,9 @@ def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, prior: _Prio
     idx6 = (6 * sel[:, None] + np.arange(6)).reshape(-1)
     h = dense.matrix(0)[np.ix_(idx6, idx6)]
     curv = None if prior is None else _per_unit(dense.unit, nu, prior.blocks.numpy())[sel]
-    low = None if prior is None or not prior.rank else \
-        _per_unit(dense.unit, nu, prior.low.numpy())[sel].reshape(idx6.size, -1)
-    if curv is not None:
+    low = None if prior is None else _per_unit(dense.unit, nu, prior.low.numpy())[sel].reshape(idx6.size, -1)
+    if prior is not None:
         _add_diagonal_blocks(h, curv)
-    if low is not None:
         _add_low_rank(h, low, prior.inv.numpy(), -1.0)
     gv = _per_unit(dense.unit, nu, g.numpy())[sel].reshape(-1)
     q = _per_unit(dense.unit, nu, cons.q.numpy().reshape(n, 6, -1))[sel].reshape(idx6.size, -1)
@@ -797,9 +798,8 @@ def _direct_step(dense: _DenseBlock, active: np.ndarray, g: Tensor, prior: _Prio
     predicted = float(gv @ d + 0.5 * d @ (h @ d))
     # the covariance's diagonal blocks: K V K = Y (zv^T V zv) Y^T with Y = zv / w per unit
     vm = dense.matrix(1)[np.ix_(idx6, idx6)]
-    if curv is not None:
+    if prior is not None:
         _add_diagonal_blocks(vm, 2.0 / ndf * curv)
-    if low is not None:
         _add_low_rank(vm, low, prior.inv.numpy(), -2.0 / ndf)
     y = zv / w[keep]  # (6n, k)
     e = y @ (zv.T @ vm @ zv)
@@ -1030,15 +1030,11 @@ class _PriorTerm:
         self.blocks = 2.0 * self.scale * on * torch.einsum("nki,k,nkj->nij", t, w, t)
         self.noise = 2.0 * self.scale * on * t.transpose(1, 2) * w.sqrt()[None, None, :]
         n = self.blocks.shape[0]
-        self.free = torch.zeros(n, 6, 0, dtype=torch.float64)
-        self.low = self.free
-        self.inv = torch.zeros(0, 0, dtype=torch.float64)
-        if free is not None and free.shape[1]:
-            m = torch.from_numpy(np.asarray(free, dtype=np.float64)).reshape(n, 6, -1) * on
-            low = torch.einsum("nij,njm->nim", self.blocks, m)
-            s = torch.einsum("nim,nik->mk", m, low)
-            s = 0.5 * (s + s.T)
-            self.free, self.low, self.inv = m, low, torch.linalg.pinv(s, rtol=1e-10, hermitian=True)
+        dirs = np.zeros((6 * n, 0)) if free is None else np.asarray(free, dtype=np.float64)
+        self.free = torch.from_numpy(dirs).reshape(n, 6, -1) * on  # m = 0: the plain block prior
+        self.low = torch.einsum("nij,njm->nim", self.blocks, self.free)
+        s = torch.einsum("nim,nik->mk", self.free, self.low)
+        self.inv = torch.linalg.pinv(0.5 * (s + s.T), rtol=1e-10, hermitian=True)
 
     @property
     def rank(self) -> int:
@@ -1048,18 +1044,14 @@ class _PriorTerm:
     def apply(self, p: Tensor) -> Tensor:
         """The prior's curvature times ``p`` (N, 6)."""
         out = torch.einsum("nij,nj->ni", self.blocks, p)
-        if self.rank:
-            out = out - torch.einsum("nim,m->ni", self.low, self.inv @ torch.einsum("nim,ni->m", self.low, p))
-        return out
+        return out - torch.einsum("nim,m->ni", self.low, self.inv @ torch.einsum("nim,ni->m", self.low, p))
 
     def pseudo_noise(self, xi: Tensor) -> Tensor:
         """The pseudo-measurements' noise in the gradient for standard normal ``xi`` (K, N, 6):
         covariance ``2 k`` times the curvature (``noise xi`` with the free directions' part
         removed: ``(I - B M S^+ M^T) noise xi``)."""
         eta = torch.einsum("nij,knj->kni", self.noise, xi)
-        if self.rank:
-            eta = eta - torch.einsum("nim,km->kni", self.low, torch.einsum("nim,kni->km", self.free, eta) @ self.inv)
-        return eta
+        return eta - torch.einsum("nim,km->kni", self.low, torch.einsum("nim,kni->km", self.free, eta) @ self.inv)
 
     def value(self, theta: Tensor) -> float:
         return 0.5 * float((theta * self.apply(theta)).sum())
@@ -2035,7 +2027,8 @@ def refine_run(
                     "layers": None if layers is None else list(layers),
                     "rigid_layers": None if rigid_layers is None else list(rigid_layers), "cache_mb": cache_mb,
                     "cache_precision": cache_precision, "coarse": coarse, "presigma_rot": presigma_rot,
-                    "presigma_trans": presigma_trans, "presigma_free_modes": list(free_modes), "solver": solver, "error_samples": error_samples,
+                    "presigma_trans": presigma_trans, "presigma_free_modes": list(free_modes), "solver": solver,
+                    "error_samples": error_samples,
                     "error_seed": error_seed, "mode_constraints": mode_constraints,
                     "start": None if start is None else str(start),
                     "chunk_tracks": chunk_tracks, "threads": torch.get_num_threads()},
