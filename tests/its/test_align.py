@@ -644,6 +644,11 @@ def test_constraint_projection_is_the_constrained_minimiser(geom):
     torch.testing.assert_close(sgd.step(theta, g), theta + cons.project(-rates * g, rates), rtol=0, atol=0)
     sgd.config = OptimizerConfig("sgd", lr_rot=1.0, lr_trans=0.25)  # new rates: a new projection
     torch.testing.assert_close(sgd.step(theta, g), theta + cons.project(-0.5 * rates * g, 0.5 * rates), rtol=0, atol=0)
+    # a dependent direction before an independent one: Q spans exactly the constrained directions
+    raw = np.stack([weak_mode(geom, m, 1.0).reshape(-1) for m in ("radial", "elliptical")], axis=1)
+    q = Constraints.build(geom, ("radial",), vectors=raw * [2.0, 1.0]).q.numpy()
+    assert q.shape[1] == 2
+    np.testing.assert_allclose(q @ (q.T @ raw), raw, atol=1e-9 * np.abs(raw).max())
     with pytest.raises(ValueError, match="metric_inv"):
         cons.projection(torch.ones(n, 3))
     with pytest.raises(ValueError, match="unknown mode"):

@@ -269,6 +269,14 @@ def test_mode_vectors_orthonormal_and_drop_dependent(geom):
     np.testing.assert_allclose(q @ (q.T @ raw), raw, atol=1e-9 * np.abs(raw).max())
     dup = mode_vectors(geom, ("radial", "radial"))
     assert dup.shape[1] == 1
+    # a dependent mode before an independent one: the basis is still the span of the two, nothing
+    # else (a QR that drops the dependent column keeps an arbitrary direction in its place)
+    two = mode_vectors(geom, ("radial", "radial", "elliptical"))
+    assert two.shape[1] == 2
+    raw = np.stack([weak_mode(geom, m, 1.0).reshape(-1) for m in ("radial", "elliptical")], axis=1)
+    span = np.linalg.qr(raw)[0]
+    np.testing.assert_allclose(span @ (span.T @ two), two, atol=1e-10)
+    np.testing.assert_allclose(two @ (two.T @ raw), raw, atol=1e-9 * np.abs(raw).max())
     assert mode_vectors(geom, ()).shape == (6 * geom.n_sensors, 0)
 
 

@@ -640,6 +640,27 @@ def test_a_prior_with_free_directions_reaches_the_direct_solution(geom, sample):
     np.testing.assert_allclose(root @ root.T, 2.0 / ndf * 2.0 * pm, rtol=0, atol=1e-8 * 4.0 / ndf * np.abs(pm).max())
 
 
+def test_the_free_directions_join_the_coarse_space(geom, sample):
+    """The prior no longer damps its free directions, so block Jacobi reaches them slowly: they
+    join the coarse space. Ten free modes, five of them beyond the span of each layer's rigid
+    motions (so dependent columns come before independent ones): the coarse level grows by five
+    directions, and CG and the sparse solver reach 1e-12 and the dense KKT step. (Orthonormalised
+    by a QR that dropped the dependent columns by their diagonal, the coarse space left the
+    constraint surface and CG converged to a step 1e-3 of Theta's scale off.)"""
+    cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
+    free = mode_vectors(geom, ("elliptical", "clamshell", "skew", "conical", "twist", "tx", "ty", "tz", "rx", "ry"))
+    want = _solve_with_prior(geom, sample, cons, None, 1, PRESIGMA["presigma_rot"], PRESIGMA["presigma_trans"],
+                             free_dirs=free)[0]
+    kw = dict(gn_iterations=1, coarse=coarse_basis(geom, RIGID_MODES), progress=False, **PRESIGMA)
+    held = refine(_model(geom), sample, cons, cg_iterations=1, **kw).gn[0]
+    for solver in ("cg", "sparse"):
+        res = refine(_model(geom), sample, cons, presigma_free=free, solver=solver, cg_iterations=3000, tol=1e-12, **kw)
+        it = res.gn[0]
+        assert it.coarse_size == held.coarse_size + 5, (it.coarse_size, held.coarse_size)
+        assert it.converged and min(c.relative_residual for c in it.cg) <= 1e-12, (solver, it.cg[-1])
+        assert np.all(np.abs(res.theta.numpy() - want).max(0) < 1e-8 * THETA_SCALE), solver
+
+
 def test_a_coherent_deformation_the_prior_leaves_free_is_recovered(geom):
     """An elliptical barrel (``dR = c R cos 2 phi``, c = 4e-4: up to 22 um) and nothing else,
     tracks without hit noise (the cost still weights them by 5 um): the exact minimum of C is the

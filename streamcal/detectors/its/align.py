@@ -478,8 +478,7 @@ def _restricted_basis(q: np.ndarray, free: np.ndarray) -> np.ndarray:
         qf = qf[:, scale > 1e-12] / scale[scale > 1e-12]
     if not qf.shape[1]:
         return np.zeros((q.shape[0], 0))
-    qq, r = np.linalg.qr(qf)
-    return np.ascontiguousarray(qq[:, np.abs(np.diag(r)) > 1e-9])
+    return np.ascontiguousarray(sla.orth(qf, rcond=1e-9))
 
 
 @dataclass

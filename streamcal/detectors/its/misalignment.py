@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
+from scipy.linalg import orth
 
 from streamcal.detectors.its.geometry import ITSGeometry
 
@@ -183,9 +184,7 @@ def mode_vectors(geom: ITSGeometry, modes: tuple[str, ...]) -> np.ndarray:
     mat = mat[:, norm[0] > 0] / norm[:, norm[0] > 0]  # a mode that moves nothing (e.g. twist at z=0)
     if mat.shape[1] == 0:
         return np.zeros((6 * geom.n_sensors, 0))
-    q, r = np.linalg.qr(mat)
-    keep = np.abs(np.diag(r)) > 1e-9
-    return q[:, keep]
+    return orth(mat, rcond=1e-9)  # SVD: a dependent mode before an independent one is dropped cleanly
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,11 @@ iterations. A coarse space ``Z`` (:func:`coarse_basis`: rigid-body and weak mode
 each layer, :data:`COARSE_SPACES`) is solved exactly in each iteration (``Z^T H Z``: one pass per
 column per Gauss-Newton iteration) and combined with Jacobi in the balancing (BNN) form
 (``_CoarseLevel``). On the small test barrel under mode constraints: 1087 instead of 1853 CG
-iterations to 1e-10 (tests/its/test_refine.py).
+iterations to 1e-10 (tests/its/test_refine.py). The prior's free directions (below) join the
+coarse space: the prior no longer damps them, so Jacobi alone reaches them slowly. The coarse
+directions are orthonormalised by an SVD of their projections onto the constraint surface (a QR
+that drops a dependent column by its diagonal keeps an arbitrary direction in its place, which
+leaves the surface and makes CG converge to another problem's solution).
 
 Prior (``presigma_rot``, ``presigma_trans``). Millepede-II's presigma on every active sensor as
 a local alignable: pseudo-measurements ``0 +- presigma_rot`` of the three angles of its rotation
@@ -219,6 +223,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+import scipy.linalg as sla
 import torch
 from torch import Tensor
 
@@ -1235,8 +1240,7 @@ def coarse_basis(geom: ITSGeometry, modes: Sequence[str]) -> np.ndarray:
     cols = []
     for lay in range(geom.n_layers):
         part = np.where((rows == lay)[:, None], whole, 0.0)
-        q, r = np.linalg.qr(part)
-        cols.append(q[:, np.abs(np.diag(r)) > 1e-9 * max(1.0, float(np.abs(np.diag(r)).max(initial=0.0)))])
+        cols.append(sla.orth(part, rcond=1e-9))
     return np.concatenate(cols, axis=1)
 
 
@@ -1257,11 +1261,10 @@ class _CoarseLevel:
         for j in range(z.shape[1]):
             zc = cons.project(torch.from_numpy(z[:, j].reshape(n, 6)) * torch.from_numpy(active)[:, None])
             cols.append(zc.reshape(-1))
-        mat = torch.stack(cols, dim=1) if cols else torch.zeros(6 * n, 0, dtype=torch.float64)
-        q, r = torch.linalg.qr(mat)
-        keep = r.diagonal().abs() > 1e-9 * max(1.0, float(r.diagonal().abs().max())) if r.numel() else \
-            torch.zeros(0, dtype=torch.bool)
-        self.z = q[:, keep]  # (6N, m) orthonormal, on the constraint surface
+        mat = torch.stack(cols, dim=1).numpy() if cols else np.zeros((6 * n, 0))
+        # (6N, m) orthonormal, on the constraint surface: the SVD's range of the columns (a QR that
+        # drops a dependent column by its diagonal keeps an arbitrary completion in its place)
+        self.z = torch.from_numpy(sla.orth(mat, rcond=1e-9) if mat.shape[1] else mat)
         hz = torch.stack([matvec(self.z[:, j].reshape(n, 6)).reshape(-1) for j in range(self.z.shape[1])], dim=1) \
             if self.z.shape[1] else torch.zeros_like(self.z)
         a = self.z.T @ hz
@@ -1437,6 +1440,7 @@ def refine(
             the rigid-body modes of each layer), combined with block Jacobi within the
             constraints (``_CoarseLevel``); costs m passes per Gauss-Newton iteration, saves the
             many CG iterations that collective motions of whole layers take under Jacobi alone.
+            ``presigma_free``'s directions join it (the prior does not damp them).
         presigma_rot, presigma_trans: a Gaussian prior towards the nominal geometry (Millepede's
             presigma, :class:`Presigma`) on the active sensors: ``0 +- presigma_rot`` (rad) on each
             rotation angle, ``0 +- presigma_trans`` (mm) on each translation, its chi2 in units of
@@ -1503,6 +1507,8 @@ def refine(
         if coarse.ndim != 2 or coarse.shape[0] != 6 * n or not np.isfinite(coarse).all():
             raise ValueError(f"{where}: coarse must be a finite (6N, m) = ({6 * n}, m) array, got shape "
                              f"{coarse.shape}")
+        if presigma_free is not None:  # what the prior no longer damps, Jacobi reaches slowly: solved exactly
+            coarse = np.concatenate([coarse, presigma_free], axis=1)
     solve = np.ones(n, dtype=bool)
     if sensors is not None:
         ids = np.asarray(sensors)
