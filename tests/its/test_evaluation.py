@@ -27,6 +27,7 @@ from streamcal.detectors.its.evaluation import (
     EvaluationConfig,
     RunConfig,
     RunFormatError,
+    alignment_targets,
     chi2_per_track,
     dca_vs_pt,
     dca_xy,
@@ -468,6 +469,24 @@ def test_solve_errors_are_taken_to_the_local_frame(geom):
             assert out[dof]["sigma_rms"][li] == pytest.approx(np.sqrt(np.mean(sig**2)), rel=1e-6)
             assert out[dof]["residual_rms"][li] == pytest.approx(np.sqrt(np.mean(resid[m, jd] ** 2)), rel=1e-12)
             assert out[dof]["pull_rms"][li] == pytest.approx(np.sqrt(np.mean((resid[m, jd] / sig) ** 2)), rel=1e-6)
+    # held against targets: the sensors whose error is within the target (the errors are ~10
+    # urad and ~1 um, so about half), and the residual's RMS over those alone
+    targets = alignment_targets(10.0, 1.0)
+    assert set(targets) == {"rot_u", "rot_v", "rot_w", "du", "dv"}
+    within = solve_errors(geom, ITSAlignmentConfig(), cov, resid, sel, targets)["within_target"]
+    assert set(within) == set(targets) and "within_target" not in out
+    for dof, target in targets.items():
+        jd = DOFS.index(dof)
+        w = within[dof]
+        assert w["target"] == target and w["of_sensors"] == out["sensors_per_layer"]
+        for li in range(4):
+            m = sel & (geom.layer == li) & (sigma[:, jd] * scale[jd] <= target) & (li < 3)
+            assert w["sensors"][li] == int(m.sum())
+            assert 0 < w["sensors"][li] < out["sensors_per_layer"][li] or li == 3
+            if li == 3:
+                assert w["residual_rms"][li] is None
+            else:
+                assert w["residual_rms"][li] == pytest.approx(np.sqrt(np.mean(resid[m, jd] ** 2)), rel=1e-12)
 
 
 def test_a_run_with_the_solves_covariance(tmp_path, capsys, geom):
@@ -493,8 +512,18 @@ def test_a_run_with_the_solves_covariance(tmp_path, capsys, geom):
     capsys.readouterr()
     assert main(["evaluate", "align", "--run", str(tmp_path), "--report", str(tmp_path / "report"), "--events",
                  "300"]) == 0
-    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("solve's errors"))
+    out = capsys.readouterr().out.splitlines()
+    row = next(r for r in out if r.startswith("solve's errors"))
     assert row.split()[2:] == ["2", "2", "2", "0.002", "0.002", "0.002"]
+    # errors of 2 urad are within a 10 urad target, 2e-3 um within 1 um: every solved sensor counts
+    assert s["headline"]["within_target"]["rot_v"] == {"target": 10.0, "sensors": small.n_sensors - 1,
+                                                       "of_sensors": small.n_sensors - 1, "residual_rms": 0.0}
+    row = next(r for r in out if r.startswith("within target"))
+    assert row.count(f"0 ({small.n_sensors - 1})") == 5
+    # a target tighter than every error: no sensor is constrained to it
+    s = evaluate_run(tmp_path, config=EvaluationConfig(events=300, target_rotation_urad=1.0))
+    assert s["headline"]["within_target"]["rot_u"]["sensors"] == 0
+    assert s["headline"]["within_target"]["rot_u"]["residual_rms"] is None
     bad = cov.copy()
     bad[1, 0, 0] = np.nan
     for arr, match in ((cov[:-1], r"must be .* shape \(%d, 6, 6\)" % small.n_sensors),

@@ -3,6 +3,7 @@
 
     streamcal evaluate align --run RUN_DIR [--compare RUN_DIR2 ...] --report OUT_DIR
                              [--events N] [--seed S] [--pt-spectrum run|uniform] [--min-sensor-hits N]
+                             [--target-rot URAD] [--target-trans UM]
     streamcal its export-mille --run RUN_DIR --out OUT_DIR [--at zero|fitted] [--min-hits N]
                              [--normalisation cost|chi2] [--double] [--method M] [--min-entries N]
     streamcal its refine --run RUN_DIR --out OUT_DIR [--events N] [--gn-iterations G]
@@ -75,6 +76,11 @@ def _table(summary: dict[str, Any]) -> str:
         for label, key in (("after, solved", "residual_rms"), ("solve's errors", "sigma_rms")):
             rows.append(f"{label:16s} " + " ".join(f"{num(errs['all_layers'][key][d]):>14s}" for d in units)
                         + ("" if key == "sigma_rms" else f"   ({n} sensors with the solve's errors, theta_cov.npy)"))
+        wt = h["within_target"]
+        rows.append(f"{'within target':16s} " + " ".join(
+            f"{num(wt[d]['residual_rms']) + ' (' + str(wt[d]['sensors']) + ')' if d in wt else '':>14s}" for d in units)
+            + "   (RMS over the sensors whose error is within the target, "
+            + ", ".join(f"{wt[d]['target']:g} {units[d]}" for d in ("rot_u", "du") if d in wt) + "; their number)")
     rows.append("DCA_xy max |bias| [um]: " + ", ".join(f"{k} {num(v)}" for k, v in h["dca_bias_max_abs_um"].items()))
     ratio = ", ".join(num(r) for r in h["dca_resolution_ratio_after_ideal"])
     worst = num(h["dca_resolution_ratio_after_ideal_max"])
@@ -95,7 +101,8 @@ def cmd_evaluate_align(args: argparse.Namespace) -> int:
         return 2
     try:
         config = EvaluationConfig(events=args.events, seed=args.seed, pt_spectrum=args.pt_spectrum,
-                                  min_sensor_hits=args.min_sensor_hits)
+                                  min_sensor_hits=args.min_sensor_hits, target_rotation_urad=args.target_rot,
+                                  target_translation_um=args.target_trans)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -116,6 +123,11 @@ def _add_align_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-sensor-hits", type=positive_int, default=100,
                    help="residuals are also reported over the sensors the training data reach with at least "
                         "this many hits (default 100)")
+    g.add_argument("--target-rot", type=positive_float, default=10.0, metavar="URAD",
+                   help="accuracy target of the rotations: with the solve's errors (theta_cov.npy) the residual "
+                        "is also reported over the sensors whose error is within it (default 10)")
+    g.add_argument("--target-trans", type=positive_float, default=1.0, metavar="UM",
+                   help="the same for the shifts in the measurement directions du, dv (default 1)")
     g.add_argument("--pt-spectrum", choices=("run", "uniform"), default="run",
                    help="pT spectrum of the test samples: the run's, or uniform over its range (fills high pT)")
 

@@ -40,7 +40,10 @@ Quantities (:func:`evaluate_run`; :func:`write_report` writes ``summary.json`` a
    the run directory holds the solve's own covariance (``theta_cov.npy``, ``streamcal its refine
    --solver direct``): per layer and DoF the RMS of those errors (the residual's RMS at the
    statistical limit of the data, correlations through the tracks included), the residual's RMS
-   over the same sensors and their pulls (:func:`solve_errors`).
+   over the same sensors and their pulls (:func:`solve_errors`); and, held against the accuracy
+   targets (``EvaluationConfig.target_rotation_urad``, ``target_translation_um``), the sensors
+   whose error is within the target (the DoFs the tracks constrain to it) and the residual's RMS
+   over them (``within_target``).
 2. DCA_xy vs pT on fresh test samples (the run's simulation with another seed): on the ideal
    geometry fitted with Theta = 0 (``ideal``) and on the true misaligned geometry fitted with
    Theta = 0 (``before``) and with the run's Theta (``after``). Each track is fitted without the
@@ -127,6 +130,7 @@ __all__ = [
     "SensorPrecision",
     "sensor_precision",
     "solve_errors",
+    "alignment_targets",
     "EvaluationConfig",
     "default_test_seed",
     "evaluate_run",
@@ -976,14 +980,19 @@ def _precision_summary(geom: ITSGeometry, prec: SensorPrecision, residual: np.nd
 
 
 def solve_errors(geom: ITSGeometry, model_config: ITSAlignmentConfig, cov: np.ndarray, residual: np.ndarray,
-                 sel: np.ndarray) -> dict[str, Any]:
+                 sel: np.ndarray, targets: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The solve's own errors (``theta_cov``, :attr:`AlignmentRun.theta_cov`) against the residual
     misalignment ``residual`` (N, 6; local deltas in urad and um), over the sensors ``sel`` that
     have them: per DoF and layer (and over all layers, ``all_layers``) the sensors, the expected
     RMS ``sqrt(mean sigma^2)`` (what the residual's RMS is at the statistical limit of these data),
     the residual's RMS over the same sensors and the RMS of the pulls residual / sigma (1: at that
     limit). The covariance blocks are
-    taken to the local frame with :func:`align.local_basis` (``cov_local = L^-1 cov L^-T``)."""
+    taken to the local frame with :func:`align.local_basis` (``cov_local = L^-1 cov L^-T``).
+
+    ``targets`` (DoF -> urad or um, e.g. :func:`alignment_targets`): per DoF in it and layer
+    (``within_target``) the sensors whose error is at most the target (those the data constrain
+    to it: the tracks' own statistics decide, not the residual) and the residual's RMS over
+    them, the figure to hold against the target; ``None`` where no sensor of the layer is."""
     model = ITSAlignmentModel.from_geometry(geom, replace(model_config, precision="float64"))
     linv = torch.linalg.inv(local_basis(model)).numpy()
     ok = sel & np.isfinite(cov[:, 0, 0])
@@ -1005,7 +1014,27 @@ def solve_errors(geom: ITSGeometry, model_config: ITSAlignmentConfig, cov: np.nd
     for jd, dof in enumerate(DOFS):
         per_layer = [rms(ok & (geom.layer == li), jd) for li in range(geom.n_layers)]
         out[dof] = {k: [row[i] for row in per_layer] for i, k in enumerate(keys)}
+    if targets:
+        out["within_target"] = {}
+        for dof, target in targets.items():
+            jd = DOFS.index(dof)
+            m = ok & (sig[:, jd] <= target)
+            layers = [m & (geom.layer == li) for li in range(geom.n_layers)]
+            out["within_target"][dof] = {
+                "target": float(target),
+                "sensors": [int(s.sum()) for s in layers], "of_sensors": out["sensors_per_layer"],
+                "residual_rms": [float(np.sqrt(np.mean(residual[s, jd] ** 2))) if s.any() else None for s in layers],
+                "all_layers_residual_rms": float(np.sqrt(np.mean(residual[m, jd] ** 2))) if m.any() else None,
+            }
     return out
+
+
+def alignment_targets(rotation_urad: float, translation_um: float) -> dict[str, float]:
+    """The targets per DoF for :func:`solve_errors`: every rotation, and the shifts in the
+    sensor's measurement directions (du, dv; dw, along the normal, is measured only through the
+    tracks' inclination)."""
+    return {"rot_u": rotation_urad, "rot_v": rotation_urad, "rot_w": rotation_urad,
+            "du": translation_um, "dv": translation_um}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1027,6 +1056,8 @@ class EvaluationConfig:
         inner_hit: test tracks need a hit on the innermost layer.
         min_count: a pT bin with fewer tracks is not reported.
         chi2_edges: histogram edges of chi2/ndf.
+        target_rotation_urad, target_translation_um: the accuracy targets the solve's errors
+            are held against (:func:`solve_errors`' ``within_target``; defaults: 10 urad, 1 um).
         min_sensor_hits: a sensor counts as reached by the tracks when the training data are
             expected to put at least this many hits on it (:func:`sensor_precision`, from a sample
             of ``events`` events selected as in training, scaled to the run's events); the
@@ -1042,6 +1073,8 @@ class EvaluationConfig:
     min_count: int = 50
     chi2_edges: tuple[float, ...] = tuple(float(x) for x in np.linspace(0.0, 5.0, 51))
     min_sensor_hits: int = 100
+    target_rotation_urad: float = 10.0
+    target_translation_um: float = 1.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.events, int) and self.events >= 1):
@@ -1060,6 +1093,10 @@ class EvaluationConfig:
             raise ValueError(f"EvaluationConfig.min_count must be an integer >= 2, got {self.min_count!r}")
         if not (isinstance(self.min_sensor_hits, int) and self.min_sensor_hits >= 1):
             raise ValueError(f"EvaluationConfig.min_sensor_hits must be an integer >= 1, got {self.min_sensor_hits!r}")
+        for name in ("target_rotation_urad", "target_translation_um"):
+            val = getattr(self, name)
+            if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+                raise ValueError(f"EvaluationConfig.{name} must be a positive number, got {val!r}")
 
 
 def default_test_seed(training_seed: int) -> int:
@@ -1165,7 +1202,8 @@ def evaluate_run(
         say(f"sensor precision: {int(reached.sum())} of {int(free.sum())} free sensors reached "
             f"(>= {cfg.min_sensor_hits} expected hits in {train_events} training events)")
     if run.theta_cov is not None:
-        errs = solve_errors(geom, rc.model, run.theta_cov, d_after, free)
+        errs = solve_errors(geom, rc.model, run.theta_cov, d_after, free,
+                            alignment_targets(cfg.target_rotation_urad, cfg.target_translation_um))
         residuals["solve_errors"] = errs
         say(f"the solve's errors ({THETA_COV_NPY}): {sum(errs['sensors_per_layer'])} sensors; expected RMS "
             + ", ".join(f"{dof} {'/'.join('-' if v is None else f'{v:.3g}' for v in errs[dof]['sigma_rms'])}"
@@ -1213,6 +1251,10 @@ def evaluate_run(
         "residual_units": DOF_UNITS,
         "residual_rms_after_reached": ({d: residuals["after_reached"]["all"][d]["rms"] for d in DOFS}
                                        if "after_reached" in residuals else None),
+        "within_target": ({d: {"target": w["target"], "sensors": sum(w["sensors"]),
+                               "of_sensors": sum(w["of_sensors"]), "residual_rms": w["all_layers_residual_rms"]}
+                           for d, w in residuals["solve_errors"]["within_target"].items()}
+                          if "solve_errors" in residuals else None),
         "dca_bias_max_abs_um": {k: _max_abs(b["mean_um"]) for k, b in bins.items()},
         "dca_bias_max_significance": {
             k: _max_abs([None if m is None else m / e for m, e in zip(b["mean_um"], b["mean_err_um"])])
