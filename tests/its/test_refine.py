@@ -640,11 +640,40 @@ def test_a_prior_with_free_directions_reaches_the_direct_solution(geom, sample):
     np.testing.assert_allclose(root @ root.T, 2.0 / ndf * 2.0 * pm, rtol=0, atol=1e-8 * 4.0 / ndf * np.abs(pm).max())
 
 
+def test_cg_at_the_rounding_floor_takes_the_last_iterate():
+    """``_pcg``: when ``r^T y`` comes out <= 0 (for a positive preconditioner only rounding makes it
+    so; forced here by a preconditioner that returns zero from its fourth call on, i.e. in the
+    third iteration), CG stops there as converged, takes that iterate (the third CG iterate: the
+    minimiser over the Krylov space of g, Hg, H^2 g) and records the last measured relative
+    residual, not 0."""
+    from streamcal.detectors.its.refine import _pcg
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8, 8))
+    h = a @ a.T + 8.0 * np.eye(8)
+    g = rng.standard_normal(8)
+    calls = []
+
+    def precond(r):
+        calls.append(1)
+        return r.clone() if len(calls) < 4 else torch.zeros_like(r)
+
+    recs = []
+    res = _pcg(lambda p, k: torch.from_numpy(h) @ p, precond, torch.from_numpy(g), 50, 1e-14, 1, 0.0, recs.append)
+    assert res.converged and "rounding floor at iteration 3" in res.note, res.note
+    assert len(recs) == 3 and recs[-1].relative_residual == min(r.relative_residual for r in recs[:2]) > 0
+    assert res.relative == recs[-1].relative_residual
+    v = np.stack([g, h @ g, h @ h @ g], axis=1)
+    x3 = v @ np.linalg.solve(v.T @ h @ v, -v.T @ g)
+    np.testing.assert_allclose(res.x.numpy(), x3, rtol=1e-9, atol=1e-12)
+
+
 def test_the_free_directions_join_the_coarse_space(geom, sample):
     """The prior no longer damps its free directions, so block Jacobi reaches them slowly: they
     join the coarse space. Ten free modes, five of them beyond the span of each layer's rigid
     motions (so dependent columns come before independent ones): the coarse level grows by five
-    directions, and CG and the sparse solver reach 1e-12 and the dense KKT step. (Orthonormalised
+    directions, and CG and the sparse solver converge (to 1e-12 or the rounding floor a few times
+    above it) on the dense KKT step. (Orthonormalised
     by a QR that dropped the dependent columns by their diagonal, the coarse space left the
     constraint surface and CG converged to a step 1e-3 of Theta's scale off.)"""
     cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
@@ -657,7 +686,7 @@ def test_the_free_directions_join_the_coarse_space(geom, sample):
         res = refine(_model(geom), sample, cons, presigma_free=free, solver=solver, cg_iterations=3000, tol=1e-12, **kw)
         it = res.gn[0]
         assert it.coarse_size == held.coarse_size + 5, (it.coarse_size, held.coarse_size)
-        assert it.converged and min(c.relative_residual for c in it.cg) <= 1e-12, (solver, it.cg[-1])
+        assert it.converged and min(c.relative_residual for c in it.cg) < 1e-11, (solver, it.cg[-1])
         assert np.all(np.abs(res.theta.numpy() - want).max(0) < 1e-8 * THETA_SCALE), solver
 
 

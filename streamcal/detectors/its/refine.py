@@ -95,8 +95,10 @@ tx, ty, tz, rx, ry free (one Gauss-Newton iteration from the solution below) the
 is recovered to 93 %, the inner du falls to 0.14 / 0.18 / 0.21 um and rot_v to 18 / 18 / 21
 urad, both now at their sampled errors (pulls 1.4 and 1.3 / 1.0 / 0.8), dw to 0.14-0.22 um,
 rot_u and rot_w stay (6.7 / 8.9 / 13.0, 3.4 / 4.1 / 5.5 urad), the outer layers' pulls are 0.6-1.15
-in every DoF (dw 12-23 um from 13-24); 284 CG iterations to the rounding floor 1.4e-7 (130 to
-1e-8 without free directions), peak RSS 3.6 GB with 32 replicas. The dilations are best left
+in every DoF (dw 12-23 um from 13-24); 124 CG iterations, to 4.1e-8 and then the rounding floor,
+with the free directions in the coarse space (284, stalled at 1.4e-7, without them: the same
+step to 6e-10 mm; 130 to 1e-8 without free directions), peak RSS 3.6-3.9 GB with 32 replicas.
+The dilations are best left
 held: with radial and zexpansion free as well, the step ran the outer barrel 0.1-0.25 mm inwards
 (radial and z expansion of -4e-4 together, the inner barrel staying) and C fell four times as
 much as the linearised step predicted, far outside the sampled errors. A dilation rescales every
@@ -1306,7 +1308,8 @@ def _pcg(matvec: Callable[[Tensor, int], Tensor], precond: Callable[[Tensor], Te
     preconditioner). Stops at ``tol`` (relative ``sqrt(r^T y)``), after ``max_iter``, at a direction
     without curvature, or when rounding takes over (``r^T y <= 0``, or the residual grown
     ``diverge`` times above its smallest value: the iterates left the rounding floor of an
-    ill-conditioned system); returns the iterate of smallest residual."""
+    ill-conditioned system); returns the iterate of smallest residual (after ``r^T y <= 0`` the
+    last one, with the last measured residual: what it has left is below what rounding resolves)."""
     x = torch.zeros_like(g)
     r = g.clone()
     y = precond(r)
@@ -1329,17 +1332,19 @@ def _pcg(matvec: Callable[[Tensor, int], Tensor], precond: Callable[[Tensor], Te
         r = r + alpha * hp
         y = precond(r)
         rho_new = _dot(r, y)
-        rel = math.sqrt(max(rho_new, 0.0)) / res0
+        floor = rho_new <= 0.0  # r^T y of a positive preconditioner: only rounding makes it <= 0
+        rel = best.relative if floor else math.sqrt(rho_new) / res0  # at the floor: the last measured
         pred = 0.5 * (_dot(g, x) + _dot(r, x))
         now = time.perf_counter()
         report(CGRecord(gn, k, pred, rel * res0, rel, php, now - t0, now - t_start))
+        if floor:
+            best = _PCGResult(x, r, pred, res0, rel, True)
+            best.note = (f"reached the rounding floor at iteration {k} (r^T y <= 0 after a relative residual of "
+                         f"{rel:.2e}); this iterate is taken")
+            break
         if rel <= best.relative:
             best = _PCGResult(x, r, pred, res0, rel, rel <= tol)
         if rel <= tol:
-            break
-        if rho_new <= 0.0:
-            best.converged = True
-            best.note = f"reached the rounding floor at iteration {k} (relative residual {best.relative:.2e})"
             break
         if rel > diverge * best.relative:
             best.note = (f"residual grew {diverge:g} times above its smallest value {best.relative:.2e} at iteration "
