@@ -53,6 +53,7 @@ from streamcal.detectors.its.misalignment import (
     weak_mode,
 )
 from streamcal.detectors.its.refine import (
+    COARSE_SPACES,
     REFINE_JSON,
     SpoolTracks,
     coarse_basis,
@@ -248,7 +249,9 @@ def test_the_coarse_level_reaches_the_same_minimum_in_fewer_cg_iterations(geom, 
     the same linearised problems: the same Theta and cost as ``reference_solution``, in fewer CG
     iterations than block Jacobi alone at the same tolerance where only mode constraints hold the
     layers (measured 1087 against 1853), and no more where fixed layers do (63 against 66); the
-    coarse columns cost one pass each."""
+    coarse columns cost one pass each. With each layer's share of the weak modes as well
+    (``rigid+weak``, whose columns are dependent once projected onto the constraints) the same
+    Theta and cost."""
     cons, theta0, ref = references[case, "zero"]
     z = coarse_basis(geom, RIGID_MODES)
     assert z.shape == (6 * geom.n_sensors, 6 * geom.n_layers)
@@ -264,6 +267,10 @@ def test_the_coarse_level_reaches_the_same_minimum_in_fewer_cg_iterations(geom, 
     assert its["two-level"] <= fewer * its["jacobi"], its
     assert all(g.coarse_size + g.coarse_dropped <= z.shape[1] and g.coarse_size > 0 for g in two.gn)
     assert two.passes == sum(1 + g.coarse_size + g.coarse_dropped + len(g.cg) + 1 for g in two.gn)
+    weak = refine(_model(geom, theta0), sample, cons, gn_iterations=3, cg_iterations=1500, tol=1e-10,
+                  coarse=coarse_basis(geom, COARSE_SPACES["rigid+weak"]), progress=False)
+    assert np.all(np.abs(weak.theta.numpy() - ref.theta.numpy()).max(0) < 1e-5 * THETA_SCALE)
+    assert abs(weak.cost - ref.cost) < 1e-11 * ref.cost
     with pytest.raises(ValueError, match=r"coarse must be a finite \(6N, m\)"):
         refine(_model(geom), sample, cons, coarse=z[:-6], progress=False)
 
