@@ -110,7 +110,8 @@ smaller outer barrel lowers the fitted momenta, so raises the scattering errors 
 chi2), the remaining pull is not isolated. Intrinsic-only weights are no test: on data with
 multiple scattering they move C's minimum along a global dilation off the truth (radial -2.8e-4,
 z expansion -6.8e-4, 100k fresh events; with the scattering weights it is within 5e-6 of the
-truth). So the prior keeps holding it (the inner dv keeps a z expansion of -3e-6: 0.2-0.3 um, pulls 2.8-3.8). In the
+truth). So the prior keeps holding it (the inner dv keeps a z expansion of -3e-6: 0.2-0.3 um,
+pulls 2.8-3.8). In the
 test (tests/its/test_refine.py) a barrel deformed only elliptically, tracks without hit noise, a
 tight prior: 2 % of the mode recovered with the prior on every direction, the truth to 1e-4 with
 the mode free.
@@ -1268,10 +1269,9 @@ class _CoarseLevel:
         for j in range(z.shape[1]):
             zc = cons.project(torch.from_numpy(z[:, j].reshape(n, 6)) * torch.from_numpy(active)[:, None])
             cols.append(zc.reshape(-1))
-        mat = torch.stack(cols, dim=1).numpy() if cols else np.zeros((6 * n, 0))
         # (6N, m) orthonormal, on the constraint surface: the SVD's range of the columns (a QR that
         # drops a dependent column by its diagonal keeps an arbitrary completion in its place)
-        self.z = torch.from_numpy(sla.orth(mat, rcond=1e-9) if mat.shape[1] else mat)
+        self.z = torch.from_numpy(sla.orth(torch.stack(cols, dim=1).numpy(), rcond=1e-9))
         hz = torch.stack([matvec(self.z[:, j].reshape(n, 6)).reshape(-1) for j in range(self.z.shape[1])], dim=1) \
             if self.z.shape[1] else torch.zeros_like(self.z)
         a = self.z.T @ hz
