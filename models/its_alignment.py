@@ -35,7 +35,9 @@ Implements the seed's formalism ("Formalism: Network Parameters to Alignment Par
   intrinsic part is ``sigma_u`` projected on the circle normal (xy) and ``sigma_v`` plus the u
   error's shift of the arc length (z), the multiple-scattering part the Highland variance of the
   inner layers, ``sum_l theta0_l^2 (r - r_l)^2`` (times ``1/cos^2 lambda`` in xy,
-  ``1/cos^4 lambda`` in z), with the momentum from a first fit pass. The degrees of freedom per
+  ``1/cos^4 lambda`` in z), with the momentum from a first fit pass (intrinsic weights, and a
+  given vertex with its resolution: a track's own scattering then moves the momentum of its
+  weights far less, see :func:`~streamcal.detectors.its.align.noise_factors`). The degrees of freedom per
   event are ``nu = sum_tracks (n_xy + n_z - 5)``.
 * Expected value of chi2/nu at the true geometry. For a linear least-squares fit with diagonal
   weights ``W`` and true measurement covariance ``C``, ``E[chi2] = tr(P C)`` with
@@ -1174,19 +1176,33 @@ class ITSAlignmentModel(nn.Module):
         torch.mul(b[1], b[1], out=b[3]).addcmul_(b[2], b[2])
         return b
 
+    def _pass1_vertex(self, n_tracks: int, device: Any = None) -> tuple[Tensor, Tensor] | None:
+        """The vertex point's weights (T,) in the first pass's circle and line fits, relative to a
+        hit's (1: ``sigma_u``, ``sigma_v``), float64: a given vertex enters the first pass with its
+        resolution (``(sigma_u / sigma_vertex_xy)^2``, ``(sigma_v / sigma_vertex_z)^2``); None
+        for ``vertex="fit"`` and ``"none"`` (the first pass is that of the hits alone)."""
+        cfg = self.config
+        if cfg.vertex != "given":
+            return None
+        one = torch.ones(n_tracks, dtype=torch.float64, device=device)
+        return one * (cfg.sigma_u / cfg.sigma_vertex_xy) ** 2, one * (cfg.sigma_v / cfg.sigma_vertex_z) ** 2
+
     def _fast_pass1(self, b: Tensor, ch: _Chunk) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """First pass (unit weights, no vertex point) and the weights, as :meth:`_weights`:
+        """First pass (unit weights, the given vertex as :meth:`_pass1_vertex`) and the weights, as :meth:`_weights`:
         (w_xy, w_z (n, T), wv_xy, wv_z (T,) or None) and the pass-1 (cos, sin, delta, z0) (T,)."""
         cfg = self.config
         dt = b.dtype
         z, x, y, r2 = b.unbind(0)
         mask = ch.mask
+        v1 = self._pass1_vertex(x.shape[1], x.device)
+        w1 = mask if mask is not None or v1 is None else torch.ones_like(x)
         # in float64 also for float32 hits: the first-pass curvature sets the scattering weights
-        mean, cov, _ = _dense_moments(b[1:].double(), None if mask is None else mask.double(), None)
+        mean, cov, _ = _dense_moments(b[1:].double(), None if w1 is None else w1.double(),
+                                      None if v1 is None else v1[0])
         k64, c64, s64, d64 = _karimaki_solve(mean, cov)
         k, c, s, d = (q.to(dt) for q in (k64, c64, s64, d64))
         arc = _dense_arc(x, y, k, c, s, d)[0]
-        z0, tl64 = _dense_line(arc, z, mask, None)
+        z0, tl64 = _dense_line(arc, z, w1, None if v1 is None else v1[1].to(dt))
         tl = tl64.to(dt)
         # circle normal (up to 1 + rho d) and its projections on the sensor's u axis
         gx = torch.addcmul(s, x, 2.0 * k)
@@ -1391,9 +1407,13 @@ class ITSAlignmentModel(nn.Module):
 
     # --- internals ---------------------------------------------------------------------------------
     def _weights(self, x: Tensor, y: Tensor, batch: TrackBatch, fit: dict[str, Tensor],
-                 lz: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 lz: Tensor, noise: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Weights 1/sigma^2 from a first fit (detached): per hit (T, K) for the xy and z
         residuals, per track (T,) for the xy and z vertex residuals (0 for ``vertex="none"``).
+        ``noise``: filled with the parts of the hit variances that the noise model of the errors
+        needs (``align.noise_factors``): the intrinsic variances ``var_int_xy``, ``var_int_z``
+        (T, K), and with multiple scattering each layer's Highland variance ``ms_theta2`` (T, L),
+        the hits' layers ``ms_layer`` and radii ``ms_r`` (T, K) and ``sec2`` (T,).
 
         xy: ``sigma_u`` projected on the circle normal. z: ``sigma_v`` plus the part of the u
         error that moves the hit along the track, which shifts its arc length and so the
@@ -1429,8 +1449,12 @@ class ITSAlignmentModel(nn.Module):
             lay = self.sensor_layer[batch.sensor]  # (T, K)
             r = torch.sqrt(x.detach() ** 2 + y.detach() ** 2)
             ms = (r * r * ca.gather(1, lay) - 2 * r * cb.gather(1, lay) + cc.gather(1, lay)).clamp_min(0.0)
+            if noise is not None:
+                noise.update(var_int_xy=var_xy, var_int_z=var_z, ms_theta2=th2, ms_layer=lay, ms_r=r, sec2=sec2)
             var_xy = var_xy + ms * sec2[:, None]
             var_z = var_z + ms * (sec2 * sec2)[:, None]
+        elif noise is not None:
+            noise.update(var_int_xy=var_xy, var_int_z=var_z)
         m = batch.mask.to(dt)
         if cfg.vertex != "none":
             wv_xy = torch.full_like(tl, cfg.sigma_vertex_xy**-2)
@@ -1469,15 +1493,19 @@ class ITSAlignmentModel(nn.Module):
         glob = self.global_positions(batch, table=table)  # (T, K, 3)
         ref = self._vertex(batch, glob, dt)
         mask = batch.mask
-        # pass 1: intrinsic weights, no vertex point, relative to the reference point
+        # pass 1: intrinsic weights, relative to the reference point; a given vertex enters as a
+        # point with its resolution (the momentum of the scattering weights is then far less
+        # correlated with the hits' scattering), a fitted one is fitted from this pass
         with torch.no_grad():
             x0, y0, z0 = (glob[..., i].detach() - ref[:, i, None] for i in range(3))
             m = mask.to(dt)
+            v1 = self._pass1_vertex(batch.n_tracks)
             zero_v = torch.zeros(batch.n_tracks, dtype=dt)
-            f1 = _circle_fit(x0, y0, m, zero_v)
+            f1 = _circle_fit(x0, y0, m, zero_v if v1 is None else v1[0].to(dt))
             arc1, _, _ = _arc_length(x0, y0, f1)
-            l1 = _line_fit(arc1, z0, m, zero_v)
-            w_xy, w_z, wv_xy, wv_z = self._weights(x0, y0, batch, f1, l1["tanl"])
+            l1 = _line_fit(arc1, z0, m, zero_v if v1 is None else v1[1].to(dt))
+            noise: dict[str, Tensor] = {}
+            w_xy, w_z, wv_xy, wv_z = self._weights(x0, y0, batch, f1, l1["tanl"], noise)
             if cfg.vertex == "fit":
                 ref = self._fit_vertex(batch, f1, l1, ref, w_xy)
         # pass 2: full weights and the vertex term
@@ -1498,6 +1526,7 @@ class ITSAlignmentModel(nn.Module):
             "e": e, "rz": rz, "w_xy": w_xy, "w_z": w_z, "kappa": fit["kappa"], "cos": fit["cos"],
             "sin": fit["sin"], "delta": fit["delta"], "z0": lfit["z0"], "tanl": lfit["tanl"],
             "arc": arc, "x": x, "y": y, "z": z, "ref": ref, "wv_xy": wv_xy, "wv_z": wv_z,
+            **{"noise_" + key: val for key, val in noise.items()},  # align.noise_factors
         }
         if need_grad:
             a = scale_ev[batch.event].to(dt)[:, None]  # (T, 1) d C / d chi2_track

@@ -33,6 +33,7 @@ from streamcal.detectors.its.align import (
     hessian_blocks,
     local_basis,
     measurement_residuals,
+    noise_factors,
     normal_equations,
     pack_tracks,
     read_tracks,
@@ -401,6 +402,57 @@ def test_normal_equations_match_the_model(geom, sample, blocks):
     x = rng.standard_normal((hd.shape[0], 64)) * s[:, None]
     added = np.einsum("ik,ik->k", x, (v_noisy - v_exact) @ x)
     assert added.min() > 0 and np.all(added > 1e-3 * np.einsum("ik,ik->k", x, v_exact @ x))
+
+
+@pytest.mark.parametrize("vertex_noise", [True, False])
+def test_noise_factors_are_the_scattering_covariance_along_the_track(geom, vertex_noise):
+    """``noise_factors``: ``S = F F^T`` of a track's residuals is the intrinsic variance on the
+    diagonal plus, for every pair of hits, the covariance of the Highland kicks at the layers
+    inside both, ``sum_{l < min(layer_i, layer_j)} theta0_l^2 (r_i - r_l) (r_j - r_l)`` times
+    ``sec^2 lambda`` (xy) or ``sec^4 lambda`` (z), written out here pair by pair; its diagonal is
+    the cost's own ``1 / w`` (the model's cumulative sums); the vertex row holds the vertex's
+    resolution (nothing for an exact vertex) and no kick; without scattering ``S = W^-1``."""
+    hits = simulate_batch(geom, SimulationConfig(seed=4, **dict(SIM, multiple_scattering=True)), 40)
+    batch = pack_tracks(hits, geom)[0]
+    model = ITSAlignmentModel.from_geometry(geom, replace(COST, multiple_scattering=True))
+    res = model._evaluate(batch, model.phi.detach(), need_grad=False)
+    fxy, fz = noise_factors(model, res, vertex_noise=vertex_noise)
+    t, k = res["w_xy"].shape
+    n_layers = geom.n_layers
+    assert fxy.shape == fz.shape == (t, k + 1, k + 1 + n_layers)
+    rad = model.layer_radius.numpy()
+    th2 = res["noise_ms_theta2"].numpy()
+    lay, r, sec2 = res["noise_ms_layer"].numpy(), res["noise_ms_r"].numpy(), res["noise_sec2"].numpy()
+    mask = batch.mask.numpy()
+    checked = 0
+    for f, w, wv, var_int, power in ((fxy, res["w_xy"], res["wv_xy"], res["noise_var_int_xy"], 1),
+                                     (fz, res["w_z"], res["wv_z"], res["noise_var_int_z"], 2)):
+        s = (f @ f.transpose(1, 2)).numpy()
+        for tr in range(t):
+            for i in range(k):
+                for j in range(k):
+                    if not (mask[tr, i] and mask[tr, j]):
+                        assert s[tr, i, j] == 0.0
+                        continue
+                    inside = min(lay[tr, i], lay[tr, j])
+                    want = sec2[tr] ** power * sum(th2[tr, q] * (r[tr, i] - rad[q]) * (r[tr, j] - rad[q])
+                                                   for q in range(inside))
+                    if i == j:
+                        want += float(var_int[tr, i])
+                        assert s[tr, i, i] == pytest.approx(1.0 / float(w[tr, i]), rel=1e-12)
+                    assert s[tr, i, j] == pytest.approx(want, rel=1e-12, abs=1e-18)
+                    checked += i != j and inside > 0
+            vertex = 1.0 / float(wv[tr]) if vertex_noise else 0.0
+            assert s[tr, k, k] == pytest.approx(vertex, rel=1e-12)
+            assert np.all(s[tr, k, :k] == 0.0)
+    assert checked > 1000  # pairs of hits that share kicks
+    plain = ITSAlignmentModel.from_geometry(geom, replace(COST, multiple_scattering=False))
+    res = plain._evaluate(batch, plain.phi.detach(), need_grad=False)
+    fxy, fz = noise_factors(plain, res, vertex_noise=vertex_noise)
+    assert fxy.shape == (t, k + 1, k + 1)
+    for f, w in ((fxy, res["w_xy"]), (fz, res["w_z"])):
+        var = torch.where(w > 0, 1.0 / w.clamp_min(1e-300), torch.zeros_like(w)).double()
+        torch.testing.assert_close(f[:, :k, :k], torch.diag_embed(var.sqrt()), rtol=1e-12, atol=0.0)
 
 
 def test_reference_solution_recovers_the_truth_within_its_errors(geom, truth, sample, reference, fixed):

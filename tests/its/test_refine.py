@@ -679,8 +679,8 @@ def test_the_free_directions_join_the_coarse_space(geom, sample):
     """The prior no longer damps its free directions, so block Jacobi reaches them slowly: they
     join the coarse space. Ten free modes, five of them beyond the span of each layer's rigid
     motions (so dependent columns come before independent ones): the coarse level grows by five
-    directions, and CG and the sparse solver converge (to 1e-12 or the rounding floor a few times
-    above it) on the dense KKT step. (Orthonormalised
+    directions, and CG and the sparse solver converge (to 1e-11: the rounding floor is 3e-13 to
+    5e-12) on the dense KKT step. (Orthonormalised
     by a QR that dropped the dependent columns by their diagonal, the coarse space left the
     constraint surface and CG converged to a step 1e-3 of Theta's scale off.)"""
     cons = Constraints.build(geom, modes=("rz", "curl", "telescope"))
@@ -690,10 +690,10 @@ def test_the_free_directions_join_the_coarse_space(geom, sample):
     kw = dict(gn_iterations=1, coarse=coarse_basis(geom, RIGID_MODES), progress=False, **PRESIGMA)
     held = refine(_model(geom), sample, cons, cg_iterations=1, **kw).gn[0]
     for solver in ("cg", "sparse"):
-        res = refine(_model(geom), sample, cons, presigma_free=free, solver=solver, cg_iterations=3000, tol=1e-12, **kw)
+        res = refine(_model(geom), sample, cons, presigma_free=free, solver=solver, cg_iterations=3000, tol=1e-11, **kw)
         it = res.gn[0]
         assert it.coarse_size == held.coarse_size + 5, (it.coarse_size, held.coarse_size)
-        assert it.converged and min(c.relative_residual for c in it.cg) < 1e-11, (solver, it.cg[-1])
+        assert it.converged and it.cg[-1].relative_residual < 1e-11, (solver, it.cg[-1])
         assert np.all(np.abs(res.theta.numpy() - want).max(0) < 1e-8 * THETA_SCALE), solver
 
 
@@ -902,13 +902,14 @@ def test_cli_refine_with_a_prior_records_it(tmp_path, capsys, geom, run_dir):
 
 def test_cli_refine_sparse(tmp_path, capsys, geom, run_dir):
     """``--solver sparse``: the result of :func:`refine` with the sparse solver on the same tracks
-    in one batch (to 1e-8 of Theta's largest entry: the CG's tolerance), which is the
+    in one batch (to 1e-8 of Theta's largest entry; the CG's tolerance 1e-8 is above the second
+    Gauss-Newton iteration's rounding floor, 3e-9 of its small gradient), which is the
     matrix-free CG's solution of the same problem when both converge
     (1e-6); two passes per Gauss-Newton iteration whatever the CG iterations, each recorded in
     ``metrics.jsonl``; the method named in ``refine.json``."""
     rd, cfg, hits = run_dir
     out = tmp_path / "sparse"
-    args = ["--events", "250", "--gn-iterations", "2", "--cg-iterations", "400", "--tol", "1e-10", "--no-progress"]
+    args = ["--events", "250", "--gn-iterations", "2", "--cg-iterations", "400", "--tol", "1e-8", "--no-progress"]
     rc = main(["its", "refine", "--run", str(rd), "--out", str(out), "--solver", "sparse", *args])
     assert rc == 0, capsys.readouterr().err
     assert "H assembled sparse:" in capsys.readouterr().err
@@ -918,7 +919,7 @@ def test_cli_refine_sparse(tmp_path, capsys, geom, run_dir):
     ev = hits.column("event").to_numpy()
     first = pack_tracks(hits.take(pa.array(np.nonzero(ev < 250)[0])), geom)[0]
     want = refine(_model(geom, np.load(rd / "theta.npy")), [first], cfg.constraints.build(geom), gn_iterations=2,
-                  cg_iterations=400, tol=1e-10, solver="sparse", progress=False)
+                  cg_iterations=400, tol=1e-8, solver="sparse", progress=False)
     run = load_run(out)
     np.testing.assert_allclose(run.theta, want.theta.numpy(), rtol=0, atol=1e-8 * np.abs(run.theta).max())
     assert run.metrics.sync_cost.size == sum(g["cg_iterations"] for g in summary["gn"])
@@ -1158,23 +1159,51 @@ def test_the_direct_solvers_errors_match_the_spread_over_independent_samples(geo
     1.645 for 90 %, measured 90.3 %). Hit errors as the cost assumes them (no multiple
     scattering); the vertex is the true one but weighted by the beam spot, so the errors are a
     little conservative (they count its noise)."""
+    p = _direct_pulls(geom, truth, fixed, COST, SIM, range(100, 130))
+    rms = np.sqrt((p**2).mean(0))
+    assert 0.95 < float(np.sqrt((p**2).mean())) < 1.05, rms
+    assert np.all((rms > 0.9) & (rms < 1.1)), rms
+    assert 0.87 < float((np.abs(p) < 1.645).mean()) < 0.93
+
+
+def _direct_pulls(geom, truth, fixed, cost, sim, seeds) -> np.ndarray:
+    """(fitted - true) / error of the direct solver's 120 chips, one independent sample of 400
+    events per seed (two Gauss-Newton iterations from the nominal geometry)."""
     true = truth.copy()
     true[fixed] = 0.0
     cons = Constraints.build(geom, fixed=fixed)
     pulls = []
-    for seed in range(100, 130):
-        batch = pack_tracks(_hits(geom, true, 400, seed), geom)[0]
-        res = refine(_model(geom), [batch], cons, gn_iterations=2, solver="direct", progress=False)
+    for seed in seeds:
+        hits = simulate_batch(geom, SimulationConfig(seed=seed, **sim), 400, placement=apply_alignment(geom, true))
+        batch = pack_tracks(hits, geom)[0]
+        res = refine(ITSAlignmentModel.from_geometry(geom, cost), [batch], cons, gn_iterations=2, solver="direct",
+                     progress=False)
         cov = res.theta_cov.numpy()
         ok = np.isfinite(cov[:, 0, 0])
         assert ok.sum() == 120
         sig = np.sqrt(np.diagonal(cov[ok], axis1=1, axis2=2))
         pulls.append((res.theta.numpy()[ok] - true[ok]) / sig)
-    p = np.concatenate(pulls)
+    return np.concatenate(pulls)
+
+
+def test_the_errors_hold_with_multiple_scattering(geom, truth, fixed):
+    """As above with multiple scattering (0.35 % X0 per layer, tracks of 0.3-5 GeV/c: the kicks
+    are most of the hits' errors beyond the first layer), 20 samples. Each kick moves all later
+    hits of a track together: the errors take that correlation (``align.noise_factors``), and
+    the first fit pass, whose momentum sets the scattering weights, includes the given vertex.
+    Measured: pulls 1.03-1.05 per parameter, 1.036 pooled, 89 % within 1.645. Both were needed:
+    the hits' variances alone as their noise gave errors 15 % too large here (pooled 0.87; 1.2-1.7
+    with a vertex known to 0.5 um), the correlation alone 24 % too small (1.24 on 24 other
+    samples): a track whose own kicks made it look stiffer gets smaller scattering variances and
+    has the larger residuals, and the momentum of a fit of the hits alone follows those kicks.
+    What remains (a few %) is that: the weights follow the fitted momentum, not the true one
+    (with the true momentum the residuals' covariance is ``P S P`` to 1-10 % per hit)."""
+    p = _direct_pulls(geom, truth, fixed, replace(COST, multiple_scattering=True),
+                      dict(SIM, multiple_scattering=True), range(200, 220))
     rms = np.sqrt((p**2).mean(0))
-    assert 0.95 < float(np.sqrt((p**2).mean())) < 1.05, rms
-    assert np.all((rms > 0.9) & (rms < 1.1)), rms
-    assert 0.87 < float((np.abs(p) < 1.645).mean()) < 0.93
+    assert 0.97 < float(np.sqrt((p**2).mean())) < 1.15, rms
+    assert np.all((rms > 0.93) & (rms < 1.17)), rms
+    assert 0.83 < float((np.abs(p) < 1.645).mean()) < 0.93
 
 
 def test_the_direct_solver_with_rigid_bodies_is_the_reduced_dense_solution(geom, sample):

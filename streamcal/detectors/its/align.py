@@ -80,9 +80,9 @@ vectorised): ``H = sum_tracks 2 c_t A^T P A``, ``P = W - W J (J^T W J)^-1 J^T W`
 (c_t: the track's weight in C, A: residual derivatives by Theta at fixed track parameters, J: by
 the 5 track parameters), solved with the constraints as a sparse KKT system (``scipy.sparse``,
 LU). Its statistical covariance is the sandwich ``K V K`` with ``K`` the upper-left block of the
-inverse KKT matrix and ``V = sum 4 c_t^2 A^T P S P A`` the covariance of the gradient for hit
-variances ``S = W^-1`` (valid without multiple scattering; the vertex either exact or with its
-configured resolution).
+inverse KKT matrix and ``V = sum 4 c_t^2 A^T P S P A`` the covariance of the gradient for the
+residuals' noise ``S`` (:func:`noise_factors`: intrinsic errors, multiple scattering correlated
+along the track; the vertex either exact or with its configured resolution).
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ __all__ = [
     "local_basis",
     "NormalEquations",
     "normal_equations",
+    "noise_factors",
     "ReferenceSolution",
     "reference_solution",
     "WeakModeReport",
@@ -1019,6 +1020,46 @@ def _projector_blocks(res: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return _projector(jxy, wxy), _projector(jz, wz)
 
 
+def noise_factors(model: ITSAlignmentModel, res: dict[str, Tensor], *, vertex_noise: bool = True
+                  ) -> tuple[Tensor, Tensor]:
+    """Factors ``F`` of the residuals' true noise covariance ``S = F F^T`` for the xy and z
+    residuals of the evaluation ``res`` (``model._evaluate``): (T, K+1, K+1+L) in float64, the K
+    hits, then the vertex (rows), and the columns: each hit's intrinsic error, the vertex's
+    (``vertex_noise``: measured with the configured resolution; else exact, as a simulation's
+    truth) and one multiple-scattering kick per layer ``l`` of the track, of the Highland width
+    ``theta0_l``, that moves every hit further out by ``theta0_l (r - r_l)`` (times ``sec
+    lambda`` across the track in xy, ``sec^2 lambda`` in z). The cost weighs each hit with the
+    diagonal of ``S`` alone (``1/w``): one kick moves all later hits of the track coherently,
+    which the diagonal leaves out and the errors (``P S P`` with the fit's projector) must not.
+    Without multiple scattering ``S = W^-1`` (and ``P S P = P`` with the vertex's noise).
+    Neglected: the correlation of a hit's xy and z residuals through its u error (the arc length
+    it shifts, a small fraction of the z error at the incidence angles of barrel tracks)."""
+    w_xy = res["w_xy"]
+    t, k = w_xy.shape
+    f64 = torch.float64
+    hit = (w_xy > 0).to(f64)
+    ms = "noise_ms_theta2" in res
+    n_layers = int(model.layer_radius.shape[0]) if ms else 0
+    out = []
+    for plane, w, wv in (("xy", w_xy, res["wv_xy"]), ("z", res["w_z"], res["wv_z"])):
+        f = torch.zeros(t, k + 1, k + 1 + n_layers, dtype=f64)
+        sd = res["noise_var_int_" + plane].to(f64).clamp_min(0.0).sqrt() * hit
+        f[:, :k, :k] = torch.diag_embed(sd)
+        if vertex_noise:
+            wv64 = wv.to(f64)
+            f[:, k, k] = torch.where(wv64 > 0, wv64.clamp_min(1e-300).rsqrt(), torch.zeros_like(wv64))
+        if ms:
+            sec2 = res["noise_sec2"].to(f64)
+            scale = sec2.sqrt() if plane == "xy" else sec2  # (T,)
+            rad = model.layer_radius.to(f64)
+            before = torch.arange(n_layers)[None, None, :] < res["noise_ms_layer"][..., None]  # (T, K, L)
+            lever = (res["noise_ms_r"].to(f64)[..., None] - rad) * before  # (T, K, L)
+            kick = res["noise_ms_theta2"].to(f64).clamp_min(0.0).sqrt() * scale[:, None]  # (T, L)
+            f[:, :k, k + 1:] = lever * kick[:, None, :] * hit[..., None]
+        out.append(f)
+    return out[0], out[1]
+
+
 def _segment_sum(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique sorted ``keys`` and the sums of the ``values`` rows sharing each key."""
     order = np.argsort(keys, kind="stable")
@@ -1082,11 +1123,11 @@ def normal_equations(
 ) -> NormalEquations:
     """Normal equations of C at the model's Theta (vectorised over tracks, chunked).
 
-    ``grad_cov`` (only with ``covariance``; else an empty matrix) assumes hit residual
-    variances ``1/w`` (the model's weights, exact without multiple scattering) and, for the
-    vertex term, an exact vertex (``vertex_noise=False``, e.g. simulation truth) or one measured
-    with the configured resolution independently per track (``True``; the correlation between
-    tracks of one event is neglected).
+    ``grad_cov`` (only with ``covariance``; else an empty matrix) takes the hits' noise of
+    :func:`noise_factors` (intrinsic errors and multiple scattering correlated along each track)
+    and, for the vertex term, an exact vertex (``vertex_noise=False``, e.g. simulation truth) or
+    one measured with the configured resolution independently per track (``True``; the
+    correlation between tracks of one event is neglected).
     """
     batches = _check_batches(batches, "normal_equations")
     if not (isinstance(chunk_tracks, int) and chunk_tracks >= 1):
@@ -1124,17 +1165,11 @@ def normal_equations(
             grad.index_add_(0, sub.sensor.reshape(-1), (gh * sub.mask[..., None]).reshape(-1, 6))
             if not covariance:
                 continue
-            # covariance of the gradient: 4 c^2 A^T P S P A with S the residual variances
-            var_xy = torch.where(res["w_xy"] > 0, 1.0 / res["w_xy"].clamp_min(1e-300), torch.zeros_like(res["w_xy"]))
-            var_z = torch.where(res["w_z"] > 0, 1.0 / res["w_z"].clamp_min(1e-300), torch.zeros_like(res["w_z"]))
-            vv_xy = 1.0 / res["wv_xy"] if vertex_noise else torch.zeros_like(res["wv_xy"])
-            vv_z = 1.0 / res["wv_z"] if vertex_noise else torch.zeros_like(res["wv_z"])
-            vv_xy = torch.where(res["wv_xy"] > 0, vv_xy, torch.zeros_like(vv_xy))
-            vv_z = torch.where(res["wv_z"] > 0, vv_z, torch.zeros_like(vv_z))
-            s_xy = torch.cat([var_xy, vv_xy[:, None]], 1)
-            s_z = torch.cat([var_z, vv_z[:, None]], 1)
-            psp_xy = (pxy * s_xy[:, None, :]) @ pxy
-            psp_z = (pz * s_z[:, None, :]) @ pz
+            # covariance of the gradient: 4 c^2 A^T P S P A with S = F F^T the residuals' noise
+            fxy, fz = (f.to(pxy.dtype) for f in noise_factors(model, res, vertex_noise=vertex_noise))
+            pf_xy, pf_z = pxy @ fxy, pz @ fz
+            psp_xy = pf_xy @ pf_xy.transpose(1, 2)
+            psp_z = pf_z @ pf_z.transpose(1, 2)
             c4 = (4.0 * ct * ct)[:, None, None]
             kk, bb = _pair_blocks(sub.sensor, sub.mask, n, ((c4 * psp_xy[:, :k, :k], ve), (c4 * psp_z[:, :k, :k], vz)))
             vkeys.append(kk)

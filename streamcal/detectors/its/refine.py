@@ -7,7 +7,10 @@ projection (``D >= H``). That is Jacobi on ``H``: it converges fast for what one
 determine, slowly along directions that couple sensors through the tracks (a chip's shift is seen
 only relative to the layers its tracks cross). On the full ITS2 after 8 epochs the outer layers
 are at their statistical limit but the inner layers are not; the cost at the constrained truth is
-below the fit's. :func:`refine` solves the linearised problem globally instead.
+below the fit's. :func:`refine` solves the linearised problem globally instead. (The full-ITS2
+figures here were measured before the cost's first fit pass took the given vertex, from which
+the scattering weights' momentum comes, and before the errors took the scattering's correlation
+along the track: ``align.noise_factors``.)
 
 The linearised problem (as :func:`~streamcal.detectors.its.align.normal_equations`)::
 
@@ -161,8 +164,9 @@ keys of the sensor pairs. The full ITS2's tracks connect 1.24M pairs (2.48M bloc
 symmetric matrix, 0.68 GB); the CG iterations multiply by it in memory (0.1 s each instead of a
 pass over the data), so the whole detector is solved on all events to any tolerance (Millepede-II's
 sparse mode, there with MINRES; here the projected CG with block Jacobi and the coarse level).
-The errors (``error_samples``): ``k`` noise replicas of the data, residuals drawn with the
-errors the cost assumes, give ``k`` gradients ``g ~ N(0, V)`` in the same pass
+The errors (``error_samples``): ``k`` noise replicas of the data, residuals drawn with their
+noise (``align.noise_factors``: the intrinsic errors, the scattering kicks correlated along the
+track, the vertex's resolution), give ``k`` gradients ``g ~ N(0, V)`` in the same pass
 (:class:`_NoiseGradients`), each solved through ``K`` in memory; the mean of ``x x^T`` is ``K V
 K`` to ``sqrt(2 / k)`` per variance (on the test barrel against the direct solver's exact
 sandwich: RMS deviation 0.10 for ``k`` = 200, pooled within 2.5 %).
@@ -240,6 +244,7 @@ from streamcal.detectors.its.align import (
     RejectCounts,
     _hit_theta_derivatives,
     _projector_blocks,
+    noise_factors,
     pack_tracks,
 )
 from streamcal.detectors.its.geometry import ITSGeometry
@@ -489,6 +494,34 @@ def _projectors(res: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return res["projector_xy"], res["projector_z"]
 
 
+def _projected_noise(model: ITSAlignmentModel, res: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``P F`` (T, K+1, K+1+L) in float64 for the xy and z residuals: the track fit's projector
+    applied to the factor of the residuals' noise (``align.noise_factors``: intrinsic errors,
+    multiple scattering correlated along the track, the vertex with its configured resolution),
+    so that the residuals' projected noise is ``P F n`` with ``n ~ N(0, 1)`` and its covariance
+    ``(P F) (P F)^T``; kept in ``res``."""
+    if "noise_pf_xy" not in res:
+        fxy, fz = noise_factors(model, res, vertex_noise=True)
+        pxy, pz = _projectors(res)
+        res["noise_pf_xy"] = torch.bmm(pxy.to(torch.float64), fxy)
+        res["noise_pf_z"] = torch.bmm(pz.to(torch.float64), fz)
+    return res["noise_pf_xy"], res["noise_pf_z"]
+
+
+def _noise_blocks(model: ITSAlignmentModel, sub: TrackBatch, res: dict[str, Tensor],
+                  scale_ev: Tensor) -> tuple[Tensor, Tensor]:
+    """The hit blocks (T, K, K) of ``P S P`` for the xy and z residuals (:func:`_projected_noise`),
+    scaled as :func:`_linearise` scales the projectors (``2 c_t`` times ``N``, padding zero)."""
+    k = sub.sensor.shape[1]
+    m = sub.mask.to(torch.float64)
+    mm = m[:, :, None] * m[:, None, :] * (2.0 * scale_ev[sub.event]).to(torch.float64)[:, None, None]
+    out = []
+    for pf in _projected_noise(model, res):
+        h = pf[:, :k]
+        out.append(torch.bmm(h, h.transpose(1, 2)) * mm)
+    return out[0], out[1]
+
+
 def _linearise(model: ITSAlignmentModel, sub: TrackBatch, res: dict[str, Tensor], scale_ev: Tensor) -> _Chunk:
     """The :class:`_Chunk` of the tracks ``sub`` evaluated as ``res``."""
     ve, vz = _hit_theta_derivatives(model, sub, res)  # (T, K, 6)
@@ -531,20 +564,23 @@ def _diag_blocks(ch: _Chunk, out: Tensor) -> None:
         out.index_add_(0, ch.sensor[t, i], blk.reshape(-1, 36))
 
 
-def _track_pair_blocks(ch: _Chunk, pos: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+def _track_pair_blocks(ch: _Chunk, pos: Tensor, other: tuple[Tensor, Tensor] | None = None
+                       ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]]:
     """The 6 x 6 blocks of ``H`` that the chunk's tracks add between their hits on solved
     parameters: ``pos`` (T, K) the solved unit of each hit (-1: held, or padding). Every pair of
     such hits ``i <= j`` of a track once, as ``2 c_t (P_xy,ij v_e,i v_e,j^T + P_z,ij v_z,i v_z,j^T)``
     (``i = j`` at half weight: the matrix is ``U + U^T`` of what is added), oriented so that its
     row unit is the smaller (``pos_i <= pos_j``). Yields per group of tracks with the same number
     of such hits (no padding): the tracks ``t`` (T', 1), the row and column units (T', P) and the
-    blocks (T', P * 36) in float64."""
+    blocks (T', P * 36) in float64, and the same blocks with the hit matrices ``other`` (xy, z;
+    (T, K, K)) in place of the projectors (None without)."""
     diag_xy = torch.diagonal(ch.pxy, dim1=1, dim2=2)
     diag_z = torch.diagonal(ch.pz, dim1=1, dim2=2)
     keep = (pos >= 0) & ((diag_xy != 0) | (diag_z != 0))  # hits on the solved units (padding: zero rows)
     count = keep.sum(1)
     v = torch.stack([ch.ve, ch.vz], dim=2)  # (T, K, 2, 6): a hit's two residuals' derivatives
     p = torch.stack([ch.pxy, ch.pz], dim=-1)  # (T, K, K, 2)
+    q = None if other is None else torch.stack([o.to(ch.pxy.dtype) for o in other], dim=-1)
     for ka in torch.unique(count).tolist():
         if ka == 0:
             continue
@@ -556,9 +592,13 @@ def _track_pair_blocks(ch: _Chunk, pos: Tensor) -> Iterator[tuple[Tensor, Tensor
         pi, pj = pos[t, oi], pos[t, oj]
         swap = pi > pj  # P is symmetric: the pair (j, i) is the block transposed
         oi, oj = torch.where(swap, oj, oi), torch.where(swap, oi, oj)
-        vi = v[t, oi] * (p[t, oi, oj] * half[:, None])[..., None]  # (T, P, 2, 6)
-        blk = torch.einsum("tpki,tpkj->tpij", vi, v[t, oj])  # (T, P, 6, 6)
-        yield t, torch.minimum(pi, pj), torch.maximum(pi, pj), blk.reshape(t.shape[0], -1).to(torch.float64)
+        vi, vj = v[t, oi], v[t, oj]  # (T, P, 2, 6)
+        blk = torch.einsum("tpki,tpkj->tpij", vi * (p[t, oi, oj] * half[:, None])[..., None], vj)  # (T, P, 6, 6)
+        blk2 = None
+        if q is not None:
+            blk2 = torch.einsum("tpki,tpkj->tpij", vi * (q[t, oi, oj] * half[:, None])[..., None], vj)
+            blk2 = blk2.reshape(t.shape[0], -1).to(torch.float64)
+        yield t, torch.minimum(pi, pj), torch.maximum(pi, pj), blk.reshape(t.shape[0], -1).to(torch.float64), blk2
 
 
 # dense Gauss-Newton matrices of the ``direct`` solver: at most this many parameters (6 per sensor;
@@ -581,9 +621,10 @@ class _DenseBlock:
     by chunk from the linearisation, every pair of hits of a track on those units (``2 c_t`` times
     the projector's entry times the two hits' derivatives). Hits on other sensors enter through
     the projector only (the track fit). Beside it, with each track's term weighted by ``2 c_t``
-    once more, the covariance of the gradient ``V = sum_t 4 c_t^2 A_t^T P_t A_t`` (``P W^-1 P =
-    P``: the hit errors as the cost assumes them), for the sandwich ``H^-1 V H^-1`` of the
-    parameters' errors."""
+    once more, the covariance of the gradient ``V = sum_t 4 c_t^2 A_t^T P_t S_t P_t A_t`` (``S``
+    the residuals' noise, multiple scattering correlated along the track:
+    :func:`_noise_blocks`; without scattering ``P W^-1 P = P``), for the sandwich ``H^-1 V H^-1``
+    of the parameters' errors."""
 
     def __init__(self, unit: np.ndarray) -> None:
         self.unit = np.asarray(unit, dtype=np.int64)
@@ -593,13 +634,15 @@ class _DenseBlock:
         # H in the real part, V in the imaginary one: one scatter of both (two cost twice the time)
         self.flat = torch.zeros(self.dim * self.dim, dtype=torch.complex128)
 
-    def add(self, ch: _Chunk, c2: Tensor) -> None:
-        """Add the chunk's tracks; ``c2`` (T,): their ``2 c_t`` (already in ``ch``'s projectors)."""
+    def add(self, ch: _Chunk, c2: Tensor, noise: tuple[Tensor, Tensor] | None = None) -> None:
+        """Add the chunk's tracks; ``c2`` (T,): their ``2 c_t`` (already in ``ch``'s projectors);
+        ``noise``: the hit blocks of ``P S P`` scaled as the projectors (:func:`_noise_blocks`;
+        None: ``S = W^-1``)."""
         six = torch.arange(6)
-        for t, pi, pj, blk in _track_pair_blocks(ch, self.index[ch.sensor]):
+        for t, pi, pj, blk, blk_noise in _track_pair_blocks(ch, self.index[ch.sensor], noise):
             ri = 6 * pi[..., None, None] + six[:, None]  # (T, P, 6, 1)
             rj = 6 * pj[..., None, None] + six[None, :]  # (T, P, 1, 6)
-            both = torch.complex(blk, blk * c2[t].to(torch.float64))
+            both = torch.complex(blk, (blk if blk_noise is None else blk_noise) * c2[t].to(torch.float64))
             self.flat.index_add_(0, (ri * self.dim + rj).reshape(-1), both.reshape(-1))
 
     def scale(self, events: float) -> None:
@@ -615,26 +658,25 @@ class _DenseBlock:
 
 class _NoiseGradients:
     """Gradients of ``k`` noise replicas of the data (the sparse solver's errors): per track, hit
-    and vertex residuals ``eps ~ N(0, W^-1)`` (the errors the cost assumes, ``sigma_intrinsic^2 +
-    sigma_ms^2`` per hit and the vertex's), whose gradient ``2 c_t V_t^T P_t eps`` at the same
-    linearisation has the covariance ``V = sum_t 4 c_t^2 V_t^T P_t V_t`` of the direct solver's
-    sandwich (``P W^-1 P = P``). Solved through ``K`` they are samples of the solution's error."""
+    and vertex residuals ``eps = F n``, ``n ~ N(0, 1)``, with the residuals' true noise ``S = F F^T``
+    (``align.noise_factors``: the intrinsic errors, the multiple-scattering kicks correlated along
+    the track, the vertex's resolution), whose gradient ``2 c_t V_t^T P_t eps`` at the same
+    linearisation has the covariance ``V = sum_t 4 c_t^2 V_t^T P_t S_t P_t V_t`` of the direct
+    solver's sandwich. Solved through ``K`` they are samples of the solution's error."""
 
     def __init__(self, k: int, n: int, seed: int) -> None:
         self.k = k
         self.grad = torch.zeros(n, 6 * k, dtype=torch.float64)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def add(self, ch: _Chunk, res: dict[str, Tensor], c2: Tensor) -> None:
+    def add(self, model: ITSAlignmentModel, ch: _Chunk, res: dict[str, Tensor], c2: Tensor) -> None:
         """Add the chunk's noise gradients; ``c2`` (T,): the tracks' ``2 c_t`` (times ``N``)."""
         t, kk = ch.sensor.shape
         u = []
-        for proj, w, wv in zip(_projectors(res), (res["w_xy"], res["w_z"]), (res["wv_xy"], res["wv_z"])):
-            w = torch.cat([w, wv[:, None]], 1).to(torch.float64)  # (T, K+1): hits, then the vertex
-            sd = torch.where(w > 0, w.clamp_min(1e-300).rsqrt(), torch.zeros_like(w))
-            # float32 draws (half the time of float64; a noise sample needs no more), scaled in float64
-            eps = torch.randn(t, kk + 1, self.k, generator=self.gen).to(torch.float64) * sd[..., None]
-            u.append(torch.bmm(proj.to(torch.float64), eps)[:, :kk])  # (T, K, k): P eps on the hits
+        for pf in _projected_noise(model, res):  # (T, K+1, C)
+            # float32 draws (half the time of float64; a noise sample needs no more), used in float64
+            n = torch.randn(t, pf.shape[2], self.k, generator=self.gen).to(torch.float64)
+            u.append(torch.bmm(pf[:, :kk], n))  # (T, K, k): P eps on the hits
         pe = torch.stack(u, dim=-1) * c2.to(torch.float64)[:, None, None, None]  # (T, K, k, 2)
         v = torch.stack([ch.ve, ch.vz], dim=2).to(torch.float64)  # (T, K, 2, 6)
         out = torch.bmm(pe.reshape(t * kk, self.k, 2), v.reshape(t * kk, 2, 6))  # (T K, k, 6)
@@ -667,7 +709,7 @@ class _SparseBlocks:
 
     def add(self, ch: _Chunk, c2: Tensor) -> None:
         """Add the chunk's tracks (``c2``: unused, the signature of :meth:`_DenseBlock.add`)."""
-        for _, pi, pj, blk in _track_pair_blocks(ch, self.index[ch.sensor]):
+        for _, pi, pj, blk, _ in _track_pair_blocks(ch, self.index[ch.sensor]):
             key = (pi * self.n + pj).reshape(-1)
             blk = blk.reshape(-1, 36)
             if self.keys.numel():
@@ -888,10 +930,12 @@ def _system(src: _Source, bar: Any = None, dense: _DenseBlock | _SparseBlocks | 
         grad.index_add_(0, ch.sensor.reshape(-1), gh.reshape(-1, 6))
         if dense is None:
             _diag_blocks(ch, blocks)
+        elif isinstance(dense, _DenseBlock):  # the solved units' blocks of H and of V
+            dense.add(ch, c2[:, 0, 0], _noise_blocks(model, sub, res, scale_ev))
         else:  # the pairs' matrix holds the solved sensors' blocks; the others' are not used
             dense.add(ch, c2[:, 0, 0])
         if noise is not None:
-            noise.add(ch, res, c2[:, 0, 0])
+            noise.add(model, ch, res, c2[:, 0, 0])
         hits.index_add_(0, sub.sensor[sub.mask], torch.ones(int(sub.mask.sum()), dtype=torch.float64))
 
     tally = src.run(True, consume, bar)
