@@ -37,8 +37,8 @@ Implements the seed's formalism ("Formalism: Network Parameters to Alignment Par
   inner layers, ``sum_l theta0_l^2 (r - r_l)^2`` (times ``1/cos^2 lambda`` in xy,
   ``1/cos^4 lambda`` in z), with the momentum from a first fit pass (intrinsic weights, and a
   given vertex with its resolution: a track's own scattering then moves the momentum of its
-  weights far less, see :func:`~streamcal.detectors.its.align.noise_factors`). The degrees of freedom per
-  event are ``nu = sum_tracks (n_xy + n_z - 5)``.
+  weights far less; :func:`~streamcal.detectors.its.align.noise_factors`). The degrees of
+  freedom per event are ``nu = sum_tracks (n_xy + n_z - 5)``.
 * Expected value of chi2/nu at the true geometry. For a linear least-squares fit with diagonal
   weights ``W`` and true measurement covariance ``C``, ``E[chi2] = tr(P C)`` with
   ``P = W - W J (J^T W J)^-1 J^T W`` (J: residual derivatives by the 5 track parameters).
@@ -1188,8 +1188,9 @@ class ITSAlignmentModel(nn.Module):
         return one * (cfg.sigma_u / cfg.sigma_vertex_xy) ** 2, one * (cfg.sigma_v / cfg.sigma_vertex_z) ** 2
 
     def _fast_pass1(self, b: Tensor, ch: _Chunk) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """First pass (unit weights, the given vertex as :meth:`_pass1_vertex`) and the weights, as :meth:`_weights`:
-        (w_xy, w_z (n, T), wv_xy, wv_z (T,) or None) and the pass-1 (cos, sin, delta, z0) (T,)."""
+        """First pass (unit weights, the given vertex as :meth:`_pass1_vertex`) and the weights,
+        as :meth:`_weights`: (w_xy, w_z (n, T), wv_xy, wv_z (T,) or None) and the pass-1 (cos,
+        sin, delta, z0) (T,)."""
         cfg = self.config
         dt = b.dtype
         z, x, y, r2 = b.unbind(0)
