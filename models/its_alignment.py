@@ -675,10 +675,15 @@ def _dense_moments(v: Tensor, w: Tensor | None, wv: Tensor | None) -> tuple[Tens
     """Weighted means (3, T) and covariances (3, 3, T) of ``v`` (3, n, T) with hit weights ``w``
     (n, T) (None: 1) and the reference point (the origin) as a further point of weight ``wv``
     (T,) (None: 0), returned in float64; also the centred ``v``."""
-    if w is None:
+    if w is None and wv is None:
         mean = v.mean(1)
         vc = v - mean[:, None]
         wvc, sw = vc, None
+    elif w is None:  # unit hit weights and the reference point: no weight array to multiply by
+        sw = wv + v.shape[1]
+        mean = v.sum(1).div_(sw)
+        vc = v - mean[:, None]
+        wvc = vc
     else:
         sw = w.sum(0) if wv is None else w.sum(0) + wv
         mean = (v * w).sum(1).div_(sw)
@@ -700,16 +705,17 @@ def _dense_moments(v: Tensor, w: Tensor | None, wv: Tensor | None) -> tuple[Tens
 def _dense_line(sarc: Tensor, z: Tensor, w: Tensor | None, wv: Tensor | None) -> tuple[Tensor, Tensor]:
     """Weighted straight line ``z = z0 + t s`` (as in :func:`_line_fit`) of (n, T) hits: z0, t
     (T,) in float64."""
-    if w is None:
+    if w is None and wv is None:
         ms, mz = sarc.mean(0), z.mean(0)
         sc = sarc - ms
         css = (sc * sc).mean(0).double()
         csz = (sc * (z - mz)).mean(0).double()
     else:
-        sw = w.sum(0) if wv is None else w.sum(0) + wv
-        ms, mz = (w * sarc).sum(0).div_(sw), (w * z).sum(0).div_(sw)
+        sw = (w.sum(0) if wv is None else w.sum(0) + wv) if w is not None else wv + sarc.shape[0]
+        ms = (sarc if w is None else w * sarc).sum(0).div_(sw)
+        mz = (z if w is None else w * z).sum(0).div_(sw)
         sc = sarc - ms
-        wsc = w * sc
+        wsc = sc if w is None else w * sc
         css, csz = (wsc * sc).sum(0).double(), (wsc * (z - mz)).sum(0).double()
         if wv is not None:
             wv64 = wv.double()
@@ -1196,14 +1202,13 @@ class ITSAlignmentModel(nn.Module):
         z, x, y, r2 = b.unbind(0)
         mask = ch.mask
         v1 = self._pass1_vertex(x.shape[1], x.device)
-        w1 = mask if mask is not None or v1 is None else torch.ones_like(x)
         # in float64 also for float32 hits: the first-pass curvature sets the scattering weights
-        mean, cov, _ = _dense_moments(b[1:].double(), None if w1 is None else w1.double(),
+        mean, cov, _ = _dense_moments(b[1:].double(), None if mask is None else mask.double(),
                                       None if v1 is None else v1[0])
         k64, c64, s64, d64 = _karimaki_solve(mean, cov)
         k, c, s, d = (q.to(dt) for q in (k64, c64, s64, d64))
         arc = _dense_arc(x, y, k, c, s, d)[0]
-        z0, tl64 = _dense_line(arc, z, w1, None if v1 is None else v1[1].to(dt))
+        z0, tl64 = _dense_line(arc, z, mask, None if v1 is None else v1[1].to(dt))
         tl = tl64.to(dt)
         # circle normal (up to 1 + rho d) and its projections on the sensor's u axis
         gx = torch.addcmul(s, x, 2.0 * k)
