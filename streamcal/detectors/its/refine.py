@@ -494,6 +494,13 @@ def _projectors(res: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return res["projector_xy"], res["projector_z"]
 
 
+def _pair_scale(sub: TrackBatch, scale_ev: Tensor, dtype: torch.dtype) -> Tensor:
+    """(T, K, K) the factor of a track's hit-pair blocks: ``2 c_t`` (times ``N``) where both hits
+    are real, 0 on padding."""
+    m = sub.mask.to(dtype)
+    return m[:, :, None] * m[:, None, :] * (2.0 * scale_ev[sub.event]).to(dtype)[:, None, None]
+
+
 def _projected_noise(model: ITSAlignmentModel, res: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``P F`` (T, K+1, K+1+L) in float64 for the xy and z residuals: the track fit's projector
     applied to the factor of the residuals' noise (``align.noise_factors``: intrinsic errors,
@@ -513,8 +520,7 @@ def _noise_blocks(model: ITSAlignmentModel, sub: TrackBatch, res: dict[str, Tens
     """The hit blocks (T, K, K) of ``P S P`` for the xy and z residuals (:func:`_projected_noise`),
     scaled as :func:`_linearise` scales the projectors (``2 c_t`` times ``N``, padding zero)."""
     k = sub.sensor.shape[1]
-    m = sub.mask.to(torch.float64)
-    mm = m[:, :, None] * m[:, None, :] * (2.0 * scale_ev[sub.event]).to(torch.float64)[:, None, None]
+    mm = _pair_scale(sub, scale_ev, torch.float64)
     out = []
     for pf in _projected_noise(model, res):
         h = pf[:, :k]
@@ -528,7 +534,7 @@ def _linearise(model: ITSAlignmentModel, sub: TrackBatch, res: dict[str, Tensor]
     pxy, pz = _projectors(res)  # (T, K+1, K+1), vertex last: no Theta derivative
     k = sub.sensor.shape[1]
     m = sub.mask.to(ve.dtype)
-    mm = m[:, :, None] * m[:, None, :] * (2.0 * scale_ev[sub.event]).to(ve.dtype)[:, None, None]
+    mm = _pair_scale(sub, scale_ev, ve.dtype)
     return _Chunk(torch.where(sub.mask, sub.sensor, torch.zeros_like(sub.sensor)), ve * m[..., None],
                   vz * m[..., None], (pxy[:, :k, :k] * mm).contiguous(), (pz[:, :k, :k] * mm).contiguous())
 
