@@ -16,7 +16,7 @@ blocks accumulated over the data seen, with the stochastic-approximation step ``
 partition, to first order); ``sgd`` is the seed's rule with fixed rates; ``adam``. Epoch 1 runs
 on the live stream. Each message is spooled twice: the hits as received to an Arrow IPC file
 (``*.arrows``, for ``streamcal its refine`` and ``its export-mille``), and the packed tracks with
-the cost's layout of them (``align.write_tracks``, ``*.tracks``, ~460 bytes per track in float32;
+the cost's layout of them (``align.write_tracks``, ``*.tracks``, ~440 bytes per track in float32;
 ~160 without the layout, ``spool_layout: false``), which epochs 2.. replay without packing or
 laying out again. Memory stays bounded: the first ``cache_mb`` of packed tracks are kept in
 memory, the rest is read back a record at a time.
@@ -175,7 +175,7 @@ class ITSAlignConfig(Config):
     group_timeout_s: float = 120.0  # how long a synchronisation waits for a worker
     threads: int = 0  # torch threads per worker (0: torch's default)
     cache_mb: float = 1024.0  # packed tracks kept in memory for the replayed epochs (the rest is read from the spool)
-    # store the cost's layout of the tracks in the spool (~460 bytes per track in float32; the replayed
+    # store the cost's layout of the tracks in the spool (~440 bytes per track in float32; the replayed
     # epochs then skip building it, ~35 ms per 4000-event message), or the tracks only (~160 bytes per track)
     spool_layout: bool = True
 

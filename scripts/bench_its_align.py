@@ -210,11 +210,11 @@ def bench_profile(geom: Any, theta: np.ndarray, batch: TrackBatch, precision: st
         "top_ops_self_ms_per_call": {e.key: e.self_cpu_time_total / 1e3 / runs for e in ops},
         "top_ops_calls_per_call": {e.key: e.count // runs for e in ops},
         "notes": "stage times are inclusive (profiler overhead included); plan_build_ms = the per-batch part "
-                 "(validation, grouping, ideal positions), built once per batch (its.plan when cached); "
-                 "its.positions = gather of the "
-                 "per-sensor Phi displacements + hit positions; its.pass1 = first fit + weights (incl. "
-                 "multiple scattering); its.pass2 = final circle and line fits and chi2; its.gradient = "
-                 "dC/dg per hit; its.scatter = index_add_ of dC/dg (x) (s~1, s~2, 1) per sensor",
+                 "(validation, grouping, ideal positions, the weights with their scattering fit), built once "
+                 "per batch (its.plan when cached); its.positions = gather of the per-sensor Phi displacements "
+                 "+ hit positions; its.pass1 = the unit-weight fits of a fitted vertex (vertex='fit' only); "
+                 "its.fit = circle and line fits and chi2; its.gradient = dC/dg per hit; its.scatter = "
+                 "index_add_ of dC/dg (x) (s~1, s~2, 1) per sensor",
     }
 
 

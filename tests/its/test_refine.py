@@ -482,9 +482,11 @@ def test_refine_with_a_prior_reaches_the_direct_solution(geom, sample, fixed, re
     """With ``presigma_rot = 1e-4``, ``presigma_trans = 0.02`` (the misalignment's scale) three
     Gauss-Newton iterations with CG to 1e-10 reach the direct solution of C plus the prior's
     chi2 over ``sum_i nu_i`` (``_solve_with_prior``, the same linearisation points): Theta within
-    1e-5 of its typical size (measured up to 6e-6 with fixed layers, 1e-9 under mode
-    constraints), the objective ``C + prior`` within 1e-11 relative (it is stationary there; C
-    and the prior's term alone are not: 1e-8 and 1e-6); also without
+    5e-5 of its typical size (measured up to 6e-6 with fixed layers, 2.0e-5 under rz with fixed
+    sensors, whose poorly conditioned direction keeps moving by ~2e-6 per further Gauss-Newton
+    step at an objective stationary to 1e-13; 1e-9 under mode constraints), the objective ``C +
+    prior`` within 1e-11 relative (it is stationary there; C and the prior's term alone are not:
+    1e-7 and 1e-6); also without
     any constraint (``prior_only``: the prior alone makes the weak modes, rz included, regular).
     The prior moves the solution far beyond that tolerance (against ``reference_solution``
     without it); the reported C excludes the prior's term and the objective ``C + prior``
@@ -495,10 +497,11 @@ def test_refine_with_a_prior_reaches_the_direct_solution(geom, sample, fixed, re
     res = refine(_model(geom), sample, cons, gn_iterations=3, cg_iterations=1500, tol=1e-10, progress=False,
                  **PRESIGMA)
     fit = res.theta.numpy()
-    assert np.all(np.abs(fit - want).max(0) < 1e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
+    assert np.all(np.abs(fit - want).max(0) < 5e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
     objective = want_cost + want_prior
     assert abs(res.cost + res.prior - objective) < 1e-11 * objective  # stationary: second order in Theta
-    assert abs(res.cost - want_cost) < 1e-8 * want_cost  # each first order (measured 1e-9, 7e-8)
+    # each first order in the poorly conditioned direction (C measured up to 2.6e-8)
+    assert abs(res.cost - want_cost) < 1e-7 * want_cost
     assert abs(res.prior - want_prior) < 1e-6 * want_prior
     assert res.ndf == _degrees_of_freedom(sample)
     # the chi2 of the chips' exact local deltas (sensors off the solve stay at 0): the same to
@@ -1065,7 +1068,7 @@ def test_the_direct_solver_reaches_the_direct_solution_with_a_prior(geom, sample
     the step solved in the constraints' null space) takes the dense KKT step of
     ``_solve_with_prior`` to rounding in every constraint case (one Gauss-Newton iteration: Theta
     within 1e-8 of its typical size, measured <= 4e-10), and after three iterations reaches its
-    solution as CG does (1e-5 of the typical size where fixed layers leave a poorly conditioned
+    solution as CG does (5e-5 of the typical size where fixed sensors leave a poorly conditioned
     direction, the objective within 1e-11); one system pass and one cost pass per Gauss-Newton
     iteration; the predicted change of the first step is the actual one to second order."""
     cons = PRIOR_CASES[case](geom, fixed)
@@ -1076,7 +1079,7 @@ def test_the_direct_solver_reaches_the_direct_solution_with_a_prior(geom, sample
     want, want_cost, want_prior = _solve_with_prior(geom, sample, cons, None, 3, rot, trans)
     res = refine(_model(geom), sample, cons, gn_iterations=3, solver="direct", progress=False, **PRESIGMA)
     fit = res.theta.numpy()
-    assert np.all(np.abs(fit - want).max(0) < 1e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
+    assert np.all(np.abs(fit - want).max(0) < 5e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
     assert abs(res.cost + res.prior - (want_cost + want_prior)) < 1e-11 * (want_cost + want_prior)
     assert all(g.solver == "direct" and g.cg_iterations == 0 and not g.cg and g.step_scale > 0 for g in res.gn)
     assert res.passes == sum(2 + round(-np.log2(g.step_scale)) for g in res.gn)  # a halving costs a cost pass
@@ -1335,7 +1338,7 @@ def test_the_sparse_solver_reaches_the_direct_solution_with_a_prior(geom, sample
     res = refine(_model(geom), sample, cons, gn_iterations=3, solver="sparse", cg_iterations=3000, tol=1e-12,
                  coarse=coarse_basis(geom, RIGID_MODES), progress=False, **PRESIGMA)
     fit = res.theta.numpy()
-    assert np.all(np.abs(fit - want).max(0) < 1e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
+    assert np.all(np.abs(fit - want).max(0) < 5e-5 * THETA_SCALE), np.abs(fit - want).max(0) / THETA_SCALE
     assert abs(res.cost + res.prior - (want_cost + want_prior)) < 1e-11 * (want_cost + want_prior)
     assert res.passes == sum(2 + round(-np.log2(g.step_scale)) for g in res.gn)
     json.dumps(res.to_dict(), allow_nan=False)

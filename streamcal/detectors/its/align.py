@@ -360,7 +360,7 @@ def write_tracks(f: BinaryIO, batch: TrackBatch, layout: Sequence[Tensor] | None
     binary file ``f`` as one record of its real hits only (about 21 bytes per hit, against
     ~56 in the ``its.hits`` rows and ~130 per hit padded in memory); returns the bytes written.
     :func:`read_tracks` gives back the same batch, bit for bit. ``layout``: the model's layout of
-    the batch (``ITSAlignmentModel.plan_tensors``, about 36 bytes per hit in float32), stored
+    the batch (``ITSAlignmentModel.plan_tensors``, about 38 bytes per hit in float32), stored
     with it so that a replay does not build it again."""
     mask = batch.mask
     nh = mask.sum(1)

@@ -110,7 +110,8 @@ multiple-scattering weights. On 300k of the events, C of that dilated geometry i
 the solution's by 123.8 / N_events; with every track's weights held at their values on the
 solution's geometry, by 36.6 / N_events: seven tenths of the pull is the weights themselves (a
 smaller outer barrel lowers the fitted momenta, so raises the scattering errors and lowers the
-chi2), the remaining pull is not isolated. Intrinsic-only weights are no test: on data with
+chi2), the remaining pull is not isolated. (Measured when the weights followed each Theta's
+fitted momenta; they now come from the ideal geometry and do not depend on Theta.) Intrinsic-only weights are no test: on data with
 multiple scattering they move C's minimum along a global dilation off the truth (radial -2.8e-4,
 z expansion -6.8e-4, 100k fresh events; with the scattering weights it is within 5e-6 of the
 truth). So the prior keeps holding it (the inner dv keeps a z expansion of -3e-6: 0.2-0.3 um,
