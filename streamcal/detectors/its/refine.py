@@ -8,9 +8,10 @@ determine, slowly along directions that couple sensors through the tracks (a chi
 only relative to the layers its tracks cross). On the full ITS2 after 8 epochs the outer layers
 are at their statistical limit but the inner layers are not; the cost at the constrained truth is
 below the fit's. :func:`refine` solves the linearised problem globally instead. (The full-ITS2
-figures here were measured before the cost's first fit pass took the given vertex, from which
-the scattering weights' momentum comes, and before the errors took the scattering's correlation
-along the track: ``align.noise_factors``.)
+figures here were measured before the errors took the scattering's correlation along the track,
+``align.noise_factors``, and before the scattering weights came from a fit with that covariance
+on the ideal geometry, ``ITSAlignmentModel._weight_fit``; the README has the seed's 5M events
+after both.)
 
 The linearised problem (as :func:`~streamcal.detectors.its.align.normal_equations`)::
 
