@@ -1440,8 +1440,8 @@ class ITSAlignmentModel(nn.Module):
         (the hits look radially displaced), and +3.1 / +2.2 / -2.6 / -7.6 um with the weighted
         fit's. The estimate of a fit with the true covariance is uncorrelated with the residuals
         of every linear fit of the same hits (they are functions of its own residuals), and with
-        it they are 0.24 / 0.12 / 0.24 / 0.21 um, within their statistical errors (0.3-0.9 um),
-        as with the true momentum."""
+        it they are -0.24 / -0.12 / +0.24 / +0.20 um, within their statistical errors (0.3-0.9
+        um), as with the true momentum."""
         cfg = self.config
         f64 = torch.float64
         x, y, z = x.to(f64), y.to(f64), z.to(f64)
