@@ -88,9 +88,10 @@ Implements the seed's formalism ("Formalism: Network Parameters to Alignment Par
   the reference point, the weights, dC/dchi2 per track) is built once per batch and cached on
   it; since ``g = R_G W0 s~ + T_G + R_G (W s~ + b)``, a call gathers only the per-sensor
   displacement table ``R_G (W s~ + b)`` (N, 9) per chunk, runs the fits without an autograd
-  graph and scatters ``dC/dg (x) (s~1, s~2, 1)`` with one ``index_add_``. Per-track solves are in float64. With ``precision="float32"`` the
-  per-hit arithmetic is float32 (positions relative to the vertex, so ~0.02 um rounding at r =
-  400 mm against 5 um resolution) and the weights are computed in float64: cost within 2e-6
+  graph and scatters ``dC/dg (x) (s~1, s~2, 1)`` with one ``index_add_``. Per-track solves are
+  in float64. With ``precision="float32"`` the per-hit arithmetic is float32 (positions relative
+  to the vertex, so ~0.02 um rounding at r = 400 mm against 5 um resolution) and the weights are
+  computed in float64: cost within 2e-6
   relative and gradient within 1e-4 of float64 on the test samples; on the full ITS2 6e-5 ..
   1e-4 halfway to the truth and 1.2e-3 at the truth, where the gradient is statistical noise
   only. Measured on a 2-core machine with the full ITS2 (160k tracks per call, the per-batch
@@ -1408,6 +1409,23 @@ class ITSAlignmentModel(nn.Module):
                        ms_layer=self.sensor_layer[sensor], ms_r=torch.sqrt(x * x + y * y), sec2=sec2)
         return out
 
+    def _kick_columns(self, var: dict[str, Tensor], mask: Tensor, plane: str) -> tuple[Tensor, Tensor]:
+        """The scattering's part of the hits' noise, ``S = diag(intrinsic) + G G^T``: ``G`` (T, K,
+        L), one column per layer ``l``, its Highland kick ``theta0_l`` moving every later hit of
+        the track by ``theta0_l (r - r_l)`` (times ``sec lambda`` across the track, ``plane="xy"``,
+        ``sec^2 lambda`` in z, ``"z"``), from :meth:`_hit_variances` ``var``; 0 on ``mask``-ed
+        out hits. Also the intrinsic variances (T, K), 1 where masked out."""
+        f64 = torch.float64
+        m = mask.to(f64)
+        sec2 = var["sec2"].to(f64)
+        scale = sec2.sqrt() if plane == "xy" else sec2  # (T,)
+        n_layers = self.layer_radius.shape[0]
+        before = torch.arange(n_layers, device=m.device) < var["ms_layer"][..., None]  # (T, K, L)
+        lever = (var["ms_r"].to(f64)[..., None] - self.layer_radius.to(f64)) * before  # (T, K, L)
+        kick = var["ms_theta2"].to(f64).clamp_min(0.0).sqrt() * scale[:, None]  # (T, L)
+        intrinsic = torch.where(mask.bool(), var["var_int_" + plane].to(f64).clamp_min(1e-30), torch.ones_like(m))
+        return lever * kick[:, None, :] * m[..., None], intrinsic
+
     @staticmethod
     def _gls_step(jac: Tensor, kicks: Tensor, res: Tensor, var: Tensor) -> Tensor:
         """One generalised least-squares step (T, p) of the track parameters for residuals
@@ -1457,31 +1475,23 @@ class ITSAlignmentModel(nn.Module):
             return fit
         var = self._hit_variances(x, y, sensor, fit)
         nl = self.layer_radius.shape[0] - 1  # the last layer's kick moves no later hit
-        before = torch.arange(nl, device=x.device) < var["ms_layer"][..., None]  # (T, K, nl)
-        lever = (var["ms_r"][..., None] - self.layer_radius.to(f64)[:nl]) * before * m[..., None]
-        kick = var["ms_theta2"][:, :nl].clamp_min(0.0).sqrt()  # (T, nl)
-        sec2 = var["sec2"]
         one = torch.ones_like(x)
         c, s = f1["cos"][:, None], f1["sin"][:, None]
+        # per plane: derivatives by the track parameters, kick columns, residuals, intrinsic variances
         j_xy = torch.stack([x * x + y * y, x * c + y * s, one], -1) * m[..., None]  # de / d(kappa, phi, delta)
         j_z = torch.stack([-one, -arc], -1) * m[..., None]  # drz / d(z0, tan(lambda))
-        g_xy = lever * (kick * sec2.sqrt()[:, None])[:, None, :]
-        g_z = lever * (kick * sec2[:, None])[:, None, :]
-        r_xy, r_z = f1["e"] * m, l1["rz"] * m
-        v_xy = torch.where(mask.bool(), var["var_int_xy"].clamp_min(1e-30), one)
-        v_z = torch.where(mask.bool(), var["var_int_z"].clamp_min(1e-30), one)
-        if v1 is not None:  # the given vertex: a point at the origin with its resolution
-            def row(a: Tensor, v: Tensor) -> Tensor:
-                return torch.cat([a, v.expand(t, 1, *a.shape[2:]).to(f64)], 1)
+        planes = [[j_xy, *self._kick_columns(var, mask, "xy"), f1["e"] * m],
+                  [j_z, *self._kick_columns(var, mask, "z"), l1["rz"] * m]]
+        if v1 is not None:  # the given vertex: one more point, at the origin, with its resolution
             tl = l1["tanl"]
-            j_xy = row(j_xy, x.new_tensor([0.0, 0.0, 1.0])[None, None])
-            j_z = row(j_z, x.new_tensor([-1.0, 0.0])[None, None])
-            g_xy, g_z = row(g_xy, x.new_zeros(1, 1, nl)), row(g_z, x.new_zeros(1, 1, nl))
-            r_xy, r_z = torch.cat([r_xy, f1["delta"][:, None]], 1), torch.cat([r_z, -l1["z0"][:, None]], 1)
-            v_xy = torch.cat([v_xy, x.new_full((t, 1), cfg.sigma_vertex_xy**2)], 1)
-            v_z = torch.cat([v_z, (cfg.sigma_vertex_z**2 + (cfg.sigma_vertex_xy * tl) ** 2)[:, None]], 1)
-        d_xy = self._gls_step(j_xy, g_xy, r_xy, v_xy)
-        d_z = self._gls_step(j_z, g_z, r_z, v_z)
+            rows = (([0.0, 0.0, 1.0], cfg.sigma_vertex_xy**2 * one[:, 0], f1["delta"]),
+                    ([-1.0, 0.0], cfg.sigma_vertex_z**2 + (cfg.sigma_vertex_xy * tl) ** 2, -l1["z0"]))
+            for plane, (jv, vv, rv) in zip(planes, rows):
+                jac, kicks, var_int, res = plane
+                plane[:] = [torch.cat([jac, x.new_tensor(jv).expand(t, 1, -1)], 1),
+                            torch.cat([kicks, kicks.new_zeros(t, 1, kicks.shape[2])], 1),
+                            torch.cat([var_int, vv[:, None]], 1), torch.cat([res, rv[:, None]], 1)]
+        d_xy, d_z = (self._gls_step(jac, kicks[..., :nl], res, var_int) for jac, kicks, var_int, res in planes)
         ang = torch.atan2(f1["sin"], f1["cos"]) + d_xy[:, 1]
         return {"kappa": f1["kappa"] + d_xy[:, 0], "cos": ang.cos(), "sin": ang.sin(),
                 "delta": f1["delta"] + d_xy[:, 2], "tanl": l1["tanl"] + d_z[:, 1]}

@@ -1049,13 +1049,8 @@ def noise_factors(model: ITSAlignmentModel, res: dict[str, Tensor], *, vertex_no
             wv64 = wv.to(f64)
             f[:, k, k] = torch.where(wv64 > 0, wv64.clamp_min(1e-300).rsqrt(), torch.zeros_like(wv64))
         if ms:
-            sec2 = res["noise_sec2"].to(f64)
-            scale = sec2.sqrt() if plane == "xy" else sec2  # (T,)
-            rad = model.layer_radius.to(f64)
-            before = torch.arange(n_layers)[None, None, :] < res["noise_ms_layer"][..., None]  # (T, K, L)
-            lever = (res["noise_ms_r"].to(f64)[..., None] - rad) * before  # (T, K, L)
-            kick = res["noise_ms_theta2"].to(f64).clamp_min(0.0).sqrt() * scale[:, None]  # (T, L)
-            f[:, :k, k + 1:] = lever * kick[:, None, :] * hit[..., None]
+            var = {key: res["noise_" + key] for key in ("sec2", "ms_layer", "ms_r", "ms_theta2", "var_int_" + plane)}
+            f[:, :k, k + 1:] = model._kick_columns(var, hit, plane)[0]
         out.append(f)
     return out[0], out[1]
 
