@@ -82,24 +82,23 @@ Implements the seed's formalism ("Formalism: Network Parameters to Alignment Par
     halfway to a default ``MisalignmentConfig`` misalignment 2.5e-4 with multiple scattering and
     3e-2 without it (large rz residuals in units of their small errors).
 
-* Fast path layout (:meth:`ITSAlignmentModel.forward`). Tracks are grouped by hit count into
-  dense hit-major chunks: per-hit arrays (n, T) without padding or mask, small enough to stay in
-  cache. What does not depend on Phi (sensor ids, s~, the hit on the ideal geometry relative to
-  the reference point, the weights, dC/dchi2 per track) is built once per batch and cached on
-  it; since ``g = R_G W0 s~ + T_G + R_G (W s~ + b)``, a call gathers only the per-sensor
-  displacement table ``R_G (W s~ + b)`` (N, 9) per chunk, runs the fits without an autograd
-  graph and scatters ``dC/dg (x) (s~1, s~2, 1)`` with one ``index_add_``. Per-track solves are
-  in float64. With ``precision="float32"`` the per-hit arithmetic is float32 (positions relative
-  to the vertex, so ~0.02 um rounding at r = 400 mm against 5 um resolution) and the weights are
-  computed in float64: cost within 2e-6
-  relative and gradient within 1e-4 of float64 on the test samples; on the full ITS2 6e-5 ..
-  1e-4 halfway to the truth and 1.2e-3 at the truth, where the gradient is statistical noise
-  only. Measured on a 2-core machine with the full ITS2 (160k tracks per call, the per-batch
-  part cached): 1.3-1.9e6 tracks/s forward + backward in
-  float64 at 1-2 threads, 2.2-3.2e6 in float32, against 0.7-1.1e5 (float64) for
-  :meth:`ITSAlignmentModel.forward_autograd`, which fits every track's weights at every call;
-  building the per-batch part (with the weights' scattering fit) runs at 0.18-0.30e6 tracks/s.
-  Throughput, per-stage profile and epochs: ``scripts/bench_its_align.py``.
+* Fast path layout (:meth:`ITSAlignmentModel.forward`). Tracks are grouped by hit count into dense
+  hit-major chunks: per-hit arrays (n, T) without padding or mask, small enough to stay in cache.
+  What does not depend on Phi (sensor ids, s~, the hit on the ideal geometry relative to the
+  reference point, the weights, dC/dchi2 per track) is built once per batch and cached on it; since
+  ``g = R_G W0 s~ + T_G + R_G (W s~ + b)``, a call gathers only the per-sensor displacement table
+  ``R_G (W s~ + b)`` (N, 9) per chunk, runs the fits without an autograd graph and scatters ``dC/dg
+  (x) (s~1, s~2, 1)`` with one ``index_add_``. Per-track solves are in float64. With
+  ``precision="float32"`` the per-hit arithmetic is float32 (positions relative to the vertex, so
+  ~0.02 um rounding at r = 400 mm against 5 um resolution) and the weights are computed in float64:
+  cost within 2e-6 relative and gradient within 1e-4 of float64 on the test samples; on the full
+  ITS2 6e-5 .. 1e-4 halfway to the truth and 1.2e-3 at the truth, where the gradient is statistical
+  noise only. Measured on a 2-core machine with the full ITS2 (160k tracks per call, the per-batch
+  part cached): 1.3-1.9e6 tracks/s forward + backward in float64 at 1-2 threads, 2.2-3.2e6 in
+  float32, against 0.7-1.1e5 (float64) for :meth:`ITSAlignmentModel.forward_autograd`, which fits
+  every track's weights at every call; building the per-batch part (with the weights' scattering
+  fit) runs at 0.18-0.30e6 tracks/s. Throughput, per-stage profile and epochs:
+  ``scripts/bench_its_align.py``.
 
 No training loop here: the optimisers are in ``streamcal.detectors.its.align``.
 """
